@@ -1,0 +1,78 @@
+# nvme-dataplane: fetch QEMU 10.0.x, apply patches/, build, test, measure.
+#
+#   make            install missing Debian packages, fetch the base, apply the
+#                   series into build/qemu and build QEMU and the qtests
+#   make check      checkpatch + qtests (+ guest tests), with a summary line
+#   make export     write build/qemu's commits back to patches/
+#   make reapply    discard build/qemu's commits, re-apply patches/
+#
+# QEMU_SRC=/path/to/qemu make uses that tree as the base instead of Debian's.
+-include config.mk
+
+SHELL := /bin/bash
+TREE := build/qemu
+QBUILD := $(TREE)/build
+QTESTS := tests/qtest/qos-test tests/qtest/nvme-io-test
+export QEMU_SRC
+
+.PHONY: all deps base tree qemu check export reapply clean distclean
+
+all: qemu
+
+deps:
+	@scripts/host-deps.sh
+
+base: deps
+	@scripts/fetch-base.sh build/base
+
+tree: base
+	@scripts/series.sh sync
+
+qemu: tree
+	@scripts/build-qemu.sh $(TREE) qemu-system-x86_64 qemu-img \
+	    $(foreach t,$(QTESTS),$(if $(wildcard $(TREE)/$(t).c),$(t)))
+	@echo "built $(QBUILD)/qemu-system-x86_64 on $$(cat build/base/VERSION) + $$(ls patches/*.patch 2>/dev/null | wc -l) patches"
+
+check: qemu
+	@scripts/check.sh
+
+export:
+	@scripts/series.sh export
+
+reapply: base
+	@scripts/series.sh reapply
+
+clean:
+	rm -rf $(QBUILD)
+
+distclean:
+	rm -rf build config.mk
+
+# ---- guest image, stock QEMU, benchmark, guest tests (issue 3) ----------
+#   make guest          kernel + initramfs from Debian packages (build/guest)
+#   make stock          unpatched QEMU (tag nvme-dataplane-base) in build/stock
+#   make bench          quick matrix (~15 min); FULL=1 everything;
+#                       CONFIGS=a,b picks configurations; PASSES=n
+#   make check-guest    guest tests (fio verify, nvme-cli, reset), TAP-ish
+STOCK := build/stock
+HEAVY_LOCK := /tmp/nvdp-heavy.lock
+.PHONY: guest stock bench check-guest
+
+guest:
+	@guest/mkimage.sh build/guest
+
+stock: $(STOCK)/build/qemu-system-x86_64
+
+$(STOCK)/build/qemu-system-x86_64:
+	@flock $(HEAVY_LOCK) bash -c 'set -e; \
+	    if [ ! -e $(STOCK)/.git ]; then \
+	        git -C $(TREE) worktree add --detach $(CURDIR)/$(STOCK) nvme-dataplane-base; \
+	    fi; \
+	    if [ ! -x $@ ]; then scripts/build-qemu.sh $(STOCK) qemu-system-x86_64; fi'
+
+bench: guest stock
+	@/usr/bin/python3 bench/run.py $(if $(FULL),--full) \
+	    $(if $(CONFIGS),--configs $(CONFIGS)) $(if $(PASSES),--passes $(PASSES))
+
+check-guest: guest
+	@/usr/bin/python3 tests/guest/run.py

@@ -1,0 +1,105 @@
+#!/bin/bash
+# make check: checkpatch on every patch, the nvme qtests, the guest tests.
+# Every suite counts the test cases it ran; a suite that runs none fails.
+# Ends with one line: "N passed, N failed".
+set -uo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+tree=$top/build/qemu
+bdir=$tree/build
+logdir=$top/build/check
+mkdir -p "$logdir"
+
+passed=0
+failed=0
+failures=()
+
+# record NAME OK(0|1) [detail]
+record() {
+    if [ "$2" = 0 ]; then
+        passed=$((passed + 1))
+    else
+        failed=$((failed + 1))
+        failures+=("$1${3:+ ($3)}")
+        echo "FAIL: $1${3:+ ($3)}"
+    fi
+}
+
+# run_tap SUITE LOG CMD...: run a TAP-producing test binary, count its cases
+run_tap() {
+    local suite=$1 log=$2; shift 2
+    local start ok nok rc
+    start=$(date +%s)
+    "$@" >"$log" 2>&1
+    rc=$?
+    ok=$(grep -c '^ok ' "$log")
+    nok=$(grep -c '^not ok ' "$log")
+    passed=$((passed + ok))
+    failed=$((failed + nok))
+    grep '^not ok ' "$log" | sed "s|^|FAIL: $suite: |"
+    grep '^not ok ' "$log" | while read -r l; do echo "$suite: $l"; done >>"$logdir/failures"
+    echo "$suite: $ok passed, $nok failed in $(( $(date +%s) - start ))s (log: ${log#"$top"/})"
+    if [ $((ok + nok)) = 0 ]; then
+        record "$suite: ran no test" 1
+    elif [ "$rc" != 0 ] && [ "$nok" = 0 ]; then
+        record "$suite: exited $rc" 1 "see $log"
+    fi
+}
+
+: >"$logdir/failures"
+
+# 1. patches/ is what build/qemu holds
+if out=$("$top/scripts/series.sh" verify 2>&1); then
+    record "series: patches/ matches build/qemu" 0
+else
+    echo "$out"
+    record "series: patches/ matches build/qemu" 1 "run make export"
+fi
+
+# 2. checkpatch on every patch of the series
+n=0
+for p in "$top"/patches/*.patch; do
+    [ -e "$p" ] || continue
+    n=$((n + 1))
+    if out=$(cd "$tree" && scripts/checkpatch.pl --strict "$p" 2>&1); then
+        record "checkpatch $(basename "$p")" 0
+    else
+        echo "$out" | grep -E '^(ERROR|WARNING)' -A3 | head -40
+        record "checkpatch $(basename "$p")" 1
+    fi
+done
+echo "checkpatch: $n patches"
+[ "$n" -gt 0 ] || record "checkpatch: no patches in patches/" 1
+
+# 3. qtests
+export QTEST_QEMU_BINARY=$bdir/qemu-system-x86_64
+export QTEST_QEMU_IMG=$bdir/qemu-img
+export G_TEST_DBUS_DAEMON=$tree/tests/dbus-vmstate-daemon.sh
+export PYTHON=/usr/bin/python3
+# run_each BINARY [PATTERN]: the cases whose path matches PATTERN, one
+# process per case (a failed g_assert aborts its process, not the suite;
+# and glib's -p runs a single case, not the cases below a path).
+run_each() {
+    local bin=$1 pattern=${2:-.} t rc=0
+    for t in $("$bin" -l | grep '^/' | grep -e "$pattern"); do
+        "$bin" --tap -p "$t" || rc=1
+    done
+    return $rc
+}
+run_tap "qos-test (nvme)" "$logdir/qos-test-nvme.log" \
+    run_each "$bdir/tests/qtest/qos-test" /nvme/
+run_tap "nvme-io-test" "$logdir/nvme-io-test.log" \
+    run_each "$bdir/tests/qtest/nvme-io-test"
+
+# 4. guest tests (fio, nvme-cli in a guest)
+if [ -x "$top/tests/guest/run.sh" ] && [ -z "${SKIP_GUEST:-}" ]; then
+    run_tap "guest" "$logdir/guest.log" "$top/tests/guest/run.sh"
+fi
+
+echo
+if [ ${#failures[@]} -gt 0 ] || [ -s "$logdir/failures" ]; then
+    echo "Failures:"
+    for f in "${failures[@]}"; do echo "  $f"; done
+    sed 's/^/  /' "$logdir/failures"
+fi
+echo "$passed passed, $failed failed"
+[ "$failed" = 0 ]
