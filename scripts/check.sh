@@ -79,11 +79,17 @@ export PYTHON=/usr/bin/python3
 # process per case (a failed g_assert aborts its process, not the suite;
 # and glib's -p runs a single case, not the cases below a path).
 run_each() {
-    local bin=$1 pattern=${2:-.} t rc=0
+    local bin=$1 pattern=${2:-.} t out rc
     for t in $("$bin" -l | grep '^/' | grep -e "$pattern"); do
-        "$bin" --tap -p "$t" || rc=1
+        out=$(timeout 300 "$bin" --tap -p "$t" 2>&1)
+        rc=$?
+        if [ $rc = 0 ] && grep -q '^ok ' <<<"$out" && ! grep -q '^not ok ' <<<"$out"; then
+            echo "ok - $t"
+        else
+            echo "not ok - $t (exit $rc)"
+            grep -E 'ERROR|Bail out|^not ok' <<<"$out" | head -3 | sed 's/^/# /'
+        fi
     done
-    return $rc
 }
 run_tap "qos-test (nvme)" "$logdir/qos-test-nvme.log" \
     run_each "$bdir/tests/qtest/qos-test" /nvme/
