@@ -5,6 +5,8 @@
 #   make check      checkpatch + qtests (+ guest tests), with a summary line
 #   make export     write build/qemu's commits back to patches/
 #   make reapply    discard build/qemu's commits, re-apply patches/
+#   make fuzz       build generic-fuzz with ASan/UBSan (clang), run it on the
+#                   nvme configurations (FUZZ_TIME=600 seconds each)
 #
 # QEMU_SRC=/path/to/qemu make uses that tree as the base instead of Debian's.
 -include config.mk
@@ -15,7 +17,7 @@ QBUILD := $(TREE)/build
 QTESTS := tests/qtest/qos-test tests/qtest/nvme-io-test
 export QEMU_SRC
 
-.PHONY: all deps base tree qemu check export reapply clean distclean
+.PHONY: all deps base tree qemu check export reapply fuzz clean distclean
 
 all: qemu
 
@@ -38,6 +40,9 @@ check: qemu
 
 export:
 	@scripts/series.sh export
+
+fuzz: tree
+	@scripts/fuzz.sh
 
 reapply: base
 	@scripts/series.sh reapply

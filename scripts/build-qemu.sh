@@ -3,10 +3,12 @@
 #
 #   scripts/build-qemu.sh TREE [ninja targets...]
 #
-# Extra configure options: QEMU_CONFIGURE_EXTRA.  ccache is used when present.
+# Environment: QEMU_BUILD_DIR (default TREE/build), QEMU_CC/QEMU_CXX (default
+# gcc/g++), QEMU_CONFIGURE_EXTRA (more configure options).  ccache is used
+# when present.
 set -euo pipefail
 tree=$(cd "$1" && pwd); shift
-bdir=$tree/build
+bdir=${QEMU_BUILD_DIR:-$tree/build}
 
 opts=(
     --target-list=x86_64-softmmu
@@ -17,22 +19,24 @@ opts=(
     --python=/usr/bin/python3
     --firmwarepath=/usr/share/qemu:/usr/share/seabios:/usr/lib/ipxe/qemu
 )
-if [ -x /usr/lib/ccache/gcc ] && [ -z "${QEMU_CC:-}" ]; then
-    opts+=(--cc=/usr/lib/ccache/gcc --cxx=/usr/lib/ccache/g++ --host-cc=/usr/lib/ccache/gcc)
+cc=${QEMU_CC:-gcc}
+cxx=${QEMU_CXX:-g++}
+if [ -x "/usr/lib/ccache/$cc" ]; then
+    cc=/usr/lib/ccache/$cc
+    [ ! -x "/usr/lib/ccache/$cxx" ] || cxx=/usr/lib/ccache/$cxx
     export CCACHE_BASEDIR=${CCACHE_BASEDIR:-$(dirname "$tree")}
     export CCACHE_NOHASHDIR=1
-elif [ -n "${QEMU_CC:-}" ]; then
-    opts+=(--cc="$QEMU_CC")
 fi
+opts+=(--cc="$cc" --cxx="$cxx" --host-cc="$cc")
 # shellcheck disable=SC2206
 opts+=(${QEMU_CONFIGURE_EXTRA:-})
 
 want="${opts[*]}"
 if [ ! -f "$bdir/build.ninja" ] || [ "$(cat "$bdir/.nvme-dataplane-configure" 2>/dev/null)" != "$want" ]; then
-    echo "build-qemu: configuring $(basename "$tree"): $want"
+    echo "build-qemu: configuring ${bdir#"$(dirname "$tree")"/}: $want"
     rm -rf "$bdir"
     mkdir -p "$bdir"
-    (cd "$bdir" && ../configure "${opts[@]}" >configure.log 2>&1) || {
+    (cd "$bdir" && "$tree/configure" "${opts[@]}" >configure.log 2>&1) || {
         tail -40 "$bdir/configure.log" >&2
         echo "build-qemu: configure failed, see $bdir/configure.log" >&2
         exit 1
