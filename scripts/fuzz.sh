@@ -35,10 +35,10 @@ for cfg in $configs; do
         -artifact_prefix="$dir/" -print_final_stats=1 \
         "$dir/corpus" "$seeds") >"$dir/log" 2>&1 || true
     stats=$(grep -E '^stat::number_of_executed_units|^stat::average_exec_per_sec' "$dir/log" |
-            sed 's/^stat:://' | tr '\n' ' ')
+            sed 's/^stat:://' | tr -s ' \n' '  ' || true)
     cov=$(grep -E '^#[0-9]+.*(DONE|pulse|REDUCE|NEW|INITED)' "$dir/log" | tail -1 |
           grep -oE 'cov: [0-9]+ ft: [0-9]+ corp: [0-9/]+[a-zA-Z]*' || true)
-    crashes=$(ls "$dir"/crash-* "$dir"/timeout-* "$dir"/oom-* 2>/dev/null | wc -l)
+    crashes=$(find "$dir" -maxdepth 1 \( -name 'crash-*' -o -name 'timeout-*' -o -name 'oom-*' \) | wc -l)
     echo "fuzz: $cfg: $stats$cov; corpus $(ls "$dir/corpus" | wc -l) inputs; $crashes crashes (log: ${dir#"$top"/}/log)"
     if [ "$crashes" != 0 ] || grep -q 'ERROR: AddressSanitizer\|runtime error:' "$dir/log"; then
         grep -m3 -A12 'ERROR: AddressSanitizer\|runtime error:' "$dir/log" || true
