@@ -7,6 +7,7 @@
 #   make reapply    discard build/qemu's commits, re-apply patches/
 #   make fuzz       build generic-fuzz with ASan/UBSan (clang), run it on the
 #                   nvme configurations (FUZZ_TIME=600 seconds each)
+#   make check-asan the nvme qtests against an ASan/UBSan QEMU
 #
 # QEMU_SRC=/path/to/qemu make uses that tree as the base instead of Debian's.
 -include config.mk
@@ -17,7 +18,7 @@ QBUILD := $(TREE)/build
 QTESTS := tests/qtest/qos-test tests/qtest/nvme-io-test
 export QEMU_SRC
 
-.PHONY: all deps base tree qemu check export reapply fuzz clean distclean
+.PHONY: all deps base tree qemu check check-asan export reapply fuzz clean distclean
 
 all: qemu
 
@@ -43,6 +44,14 @@ export:
 
 fuzz: tree
 	@scripts/fuzz.sh
+
+# the nvme qtests against QEMU built with clang, ASan and UBSan (the fuzz
+# build's configuration, build/qemu-fuzz)
+check-asan: tree
+	@QEMU_BUILD_DIR=build/qemu-fuzz QEMU_CC=clang QEMU_CXX=clang++ \
+	    QEMU_CONFIGURE_EXTRA="--enable-fuzzing --enable-asan --enable-ubsan" \
+	    scripts/build-qemu.sh $(TREE) qemu-system-x86_64 $(QTESTS)
+	@CHECK_BUILD_DIR=$(CURDIR)/build/qemu-fuzz CHECK_QTESTS_ONLY=1 scripts/check.sh
 
 reapply: base
 	@scripts/series.sh reapply

@@ -1,0 +1,228 @@
+#!/usr/bin/python3
+"""Guest tests of the emulated NVMe controller (`make check-guest`).
+
+One guest boot per nvme configuration of bench/configs.py that runs on the
+patched QEMU (nvme, nvme-ioeventfd, and whatever later issues add); a
+configuration whose properties the binary lacks is reported as skipped.
+In each boot:
+  - the guest sees /dev/nvme0n1;
+  - `nvme id-ctrl` reports Doorbell Buffer Config support (OACS bit 8);
+  - the guest driver configured the shadow doorbells (host-side QEMU trace
+    event pci_nvme_dbbuf_config);
+  - nvme-cli write + read of 4 KiB round-trips;
+  - fio verify=crc32c write-then-read at QD 16 and at QD 64: exit 0, no
+    error, exactly the expected bytes written and read back;
+  - a controller reset (echo 1 > /sys/class/nvme/nvme0/reset_controller)
+    while a verify run is writing: fio still verifies every block, the
+    controller is live again and the shadow doorbells are configured again;
+  - (first configuration only) negative control: a block overwritten behind
+    fio's back must make fio's verify fail, so the verify checks can fail.
+Output: TAP-ish `ok N - name` / `not ok N - name`, then "N passed, N failed";
+exit status 1 if anything failed.  A missing result is a failure.
+
+Options: --configs a,b; --qemu BINARY.  Per-boot logs stay in build/guest-tests/.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "guest"))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import vm          # noqa: E402
+import configs     # noqa: E402
+
+MiB = 1 << 20
+VERIFY = [("v16", 16, 0, 32 * MiB), ("v64", 64, 64 * MiB, 32 * MiB)]
+RESET = ("reset", 16, 128 * MiB, 96 * MiB)
+NEG = ("neg", 8, 256 * MiB, 4 * MiB)
+
+
+def fio_args(name, qd, offset, size, extra=""):
+    return (f"--output-format=json --name={name} --filename=/dev/nvme0n1 --direct=1 "
+            f"--ioengine=libaio --rw=randwrite --bs=4k --iodepth={qd} --offset={offset} "
+            f"--size={size} --verify=crc32c --do_verify=1 --verify_fatal=1 "
+            f"--randrepeat=0 {extra}").strip()
+
+
+def job(negative):
+    s = ["set -u",
+         "nvdp_wait_dev /dev/nvme0n1 60 || { nvdp_log 'no /dev/nvme0n1'; exit 3; }",
+         "nvdp_section devinfo sh -c 'cat /sys/block/nvme0n1/size /sys/class/nvme/nvme0/state'",
+         "nvdp_section idctrl nvme id-ctrl /dev/nvme0 -o json",
+         "dd if=/dev/urandom of=/tmp/w bs=4096 count=1 2>/dev/null",
+         "nvdp_section nvmerw sh -c 'nvme write /dev/nvme0n1 -s 4096 -c 7 -z 4096 -d /tmp/w "
+         "&& nvme read /dev/nvme0n1 -s 4096 -c 7 -z 4096 -d /tmp/r && cmp /tmp/w /tmp/r "
+         "&& echo ROUNDTRIP-OK'"]
+    for name, qd, off, size in VERIFY:
+        s.append(f"nvdp_section {name} fio {fio_args(name, qd, off, size)}")
+    name, qd, off, size = RESET
+    s += [f"fio {fio_args(name, qd, off, size)} >/tmp/reset.json 2>/tmp/reset.err &",
+          "pid=$!",
+          "sleep 3",
+          "nvdp_section reset.ctl sh -c 'kill -0 '$pid' && echo FIO-RUNNING; "
+          "echo 1 > /sys/class/nvme/nvme0/reset_controller && echo RESET-WRITTEN'",
+          "wait $pid; frc=$?",
+          "nvdp_section reset cat /tmp/reset.json",
+          "nvdp_section reset.rc echo $frc",
+          "cat /tmp/reset.err >&2",
+          "i=0; while [ \"$(cat /sys/class/nvme/nvme0/state)\" != live ] && [ $i -lt 100 ]; "
+          "do sleep 0.1; i=$((i+1)); done",
+          "nvdp_section reset.state cat /sys/class/nvme/nvme0/state",
+          "nvdp_section dmesg dmesg"]
+    if negative:
+        name, qd, off, size = NEG
+        s += [f"fio {fio_args(name, qd, off, size, '--do_verify=0')} >/dev/null 2>&1",
+              # corrupt one 4 KiB block in the middle of the region, behind fio's back
+              f"dd if=/dev/urandom of=/dev/nvme0n1 bs=4096 count=1 seek={(off + size // 2) // 4096} "
+              "oflag=direct conv=notrunc 2>/dev/null",
+              f"nvdp_section neg fio {fio_args(name, qd, off, size, '--verify_only=1')}"]
+    return "\n".join(s) + "\nexit 0\n"
+
+
+class Tap:
+    def __init__(self):
+        self.n = 0
+        self.failed = 0
+        self.passed = 0
+        self.skipped = 0
+
+    def ok(self, cond, name, diag=None):
+        self.n += 1
+        if cond:
+            self.passed += 1
+            print(f"ok {self.n} - {name}", flush=True)
+        else:
+            self.failed += 1
+            print(f"not ok {self.n} - {name}", flush=True)
+            if diag:
+                for line in str(diag).splitlines()[:15]:
+                    print(f"#   {line}", flush=True)
+
+    def skip(self, name, why):
+        self.n += 1
+        self.skipped += 1
+        print(f"ok {self.n} - {name} # SKIP {why}", flush=True)
+
+
+def fio_check(text, rc, size):
+    """(passed, diagnosis) for a verify run that must move exactly SIZE."""
+    if text is None:
+        return False, "no fio output (missing result)"
+    try:
+        j = json.loads(text[text.index("{"):])
+        jb = j["jobs"][0]
+    except (ValueError, KeyError, IndexError) as e:
+        return False, f"unparsable fio json ({e}): {text[:300]}"
+    w, r, err = jb["write"]["io_bytes"], jb["read"]["io_bytes"], jb.get("error", 0)
+    d = f"rc={rc} error={err} written={w} read={r} expected={size} each"
+    return (rc == 0 and err == 0 and w == size and r == size), d
+
+
+def test_config(t, cfg, qemu, negative, workdir):
+    tracefile = os.path.join(workdir, f"{cfg.name}.trace")
+    if os.path.exists(tracefile):
+        os.unlink(tracefile)
+    image = os.path.join(workdir, f"{cfg.name}.img")
+    with open(image, "wb") as f:
+        f.truncate(512 * MiB)
+    args = cfg.qemu_args("native", image) + [
+        "-trace", f"enable=pci_nvme_dbbuf_config,file={tracefile}"]
+    t0 = time.monotonic()
+    r = vm.Guest(qemu, job(negative), workdir, cfg.name, args, timeout=240).run()
+    print(f"# {cfg.name}: {r.describe()}", flush=True)
+    S, RC = r.sections, r.rcs
+    P = f"{cfg.name}:"
+    t.ok(r.ended and r.status == 0 and RC.get("devinfo") == 0,
+         f"{P} guest boots and sees /dev/nvme0n1",
+         r.describe() + "\n" + "\n".join(r.logs) + "\n" + r.console[-800:])
+    # id-ctrl: OACS bit 8 = Doorbell Buffer Config
+    oacs = None
+    try:
+        oacs = json.loads(S["idctrl"])["oacs"]
+    except (KeyError, ValueError, TypeError):
+        pass
+    t.ok(oacs is not None and oacs & 0x100, f"{P} nvme id-ctrl reports Doorbell Buffer Config "
+         f"(OACS bit 8)", f"oacs={oacs} rc={RC.get('idctrl')}")
+    dbbuf = 0
+    if os.path.exists(tracefile):
+        dbbuf = sum(1 for line in open(tracefile, errors="replace")
+                    if "pci_nvme_dbbuf_config" in line)
+    t.ok(dbbuf >= 1, f"{P} guest driver enabled the shadow doorbells (pci_nvme_dbbuf_config)",
+         f"trace events: {dbbuf}")
+    t.ok(RC.get("nvmerw") == 0 and "ROUNDTRIP-OK" in S.get("nvmerw", ""),
+         f"{P} nvme-cli write + read round-trip", f"rc={RC.get('nvmerw')} {S.get('nvmerw')}")
+    for name, qd, off, size in VERIFY:
+        ok, d = fio_check(S.get(name), RC.get(name), size)
+        t.ok(ok, f"{P} fio verify=crc32c write-then-read QD {qd}, {size // MiB} MiB", d)
+    name, qd, off, size = RESET
+    ctl = S.get("reset.ctl", "")
+    try:
+        frc = int(S.get("reset.rc", "").strip())
+    except ValueError:
+        frc = None
+    ok, d = fio_check(S.get("reset"), frc, size)
+    state = S.get("reset.state", "").strip()
+    resets = S.get("dmesg", "").count("resetting controller") if "dmesg" in S else None
+    cond = (ok and "FIO-RUNNING" in ctl and "RESET-WRITTEN" in ctl and state == "live"
+            and dbbuf >= 2)
+    t.ok(cond, f"{P} controller reset during a QD {qd} verify run loses nothing",
+         f"{d}; ctl={ctl.split()} state={state} dbbuf_config events={dbbuf} (want >= 2)")
+    if negative:
+        name, qd, off, size = NEG
+        text = S.get(name)
+        bad = False
+        try:
+            jb = json.loads(text[text.index("{"):])["jobs"][0]
+            bad = jb.get("error", 0) != 0
+        except (ValueError, KeyError, IndexError, AttributeError, TypeError):
+            bad = False
+        t.ok(RC.get(name) not in (None, 0) and bad,
+             f"{P} negative control: verify detects a corrupted block",
+             f"rc={RC.get(name)} (want non-zero and a job error)")
+    os.unlink(image)
+    return time.monotonic() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs")
+    ap.add_argument("--qemu", help="QEMU binary (default: the patched build); e.g. "
+                    "build/stock/build/qemu-system-x86_64 to check the harness on the base")
+    a = ap.parse_args()
+    workdir = os.path.join(ROOT, "build", "guest-tests")
+    os.makedirs(workdir, exist_ok=True)
+    names = a.configs.split(",") if a.configs else None
+    cfgs = [c for c in configs.CONFIGS if c.kind == "nvme" and c.qemu == "patched"
+            and (names is None or c.name in names)]
+    t = Tap()
+    if not cfgs:
+        t.ok(False, "no nvme configuration selected")
+    qemu = os.path.abspath(a.qemu) if a.qemu else \
+        os.path.join(ROOT, configs.QEMU_BINARIES["patched"])
+    if not os.access(qemu, os.X_OK):
+        t.ok(False, f"{qemu} exists", "build QEMU first (make)")
+        cfgs = []
+    else:
+        accel = vm.detect_accel(qemu)
+        print(f"# accelerator: {accel}", flush=True)
+    props = vm.device_help(qemu, "nvme") if cfgs else set()
+    first = True
+    for cfg in cfgs:
+        miss = cfg.missing_props(props)
+        if miss:
+            t.skip(f"{cfg.name}: all", f"nvme has no property {', '.join(miss)}")
+            continue
+        dt = test_config(t, cfg, qemu, first, workdir)
+        print(f"# {cfg.name}: {dt:.0f}s", flush=True)
+        first = False
+    print(f"1..{t.n}")
+    print(f"guest: {t.passed} passed, {t.failed} failed" +
+          (f", {t.skipped} skipped" if t.skipped else ""))
+    sys.exit(1 if t.failed or not t.passed else 0)
+
+
+if __name__ == "__main__":
+    main()
