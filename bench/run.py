@@ -217,7 +217,9 @@ def run_boot(cfg, backend, matrix, outdir, tag, image, counting=False, runtime=N
         for line in lines:
             for e in cfg.doorbell_events:
                 if e.encode() in line:
-                    state["counts"][e] += 1
+                    # one line per write, or "count N" writes at once
+                    m = re.search(rb" count (\d+)", line)
+                    state["counts"][e] += int(m.group(1)) if m else 1
                     break
         return dict(state["counts"])
 

@@ -15,16 +15,21 @@ In each boot:
   - a controller reset (echo 1 > /sys/class/nvme/nvme0/reset_controller)
     while a verify run is writing: fio still verifies every block, the
     controller is live again and the shadow doorbells are configured again;
+  - resets every 2 s during a QD 64 verify run: fio verifies every block;
   - (first configuration only) negative control: a block overwritten behind
     fio's back must make fio's verify fail, so the verify checks can fail.
+A second boot per configuration, with the controller behind a PCIe root
+port: `device_del` of the controller while fio runs at QD 64.  The guest
+may see errors; QEMU must survive, remove the device and answer QMP.
 Output: TAP-ish `ok N - name` / `not ok N - name`, then "N passed, N failed";
 exit status 1 if anything failed.  A missing result is a failure.
 
-Options: --configs a,b; --qemu BINARY.  Per-boot logs stay in build/guest-tests/.
+Options: --configs a,b; --tests main,unplug; --qemu BINARY.  Per-boot logs stay in build/guest-tests/.
 """
 import argparse
 import json
 import os
+import socket
 import sys
 import time
 
@@ -37,6 +42,7 @@ import configs     # noqa: E402
 MiB = 1 << 20
 VERIFY = [("v16", 16, 0, 32 * MiB), ("v64", 64, 64 * MiB, 32 * MiB)]
 RESET = ("reset", 16, 128 * MiB, 96 * MiB)
+RESETS = ("resets", 64, 320 * MiB, 96 * MiB)   # reset every 2 s meanwhile
 NEG = ("neg", 8, 256 * MiB, 4 * MiB)
 
 
@@ -70,7 +76,18 @@ def job(negative):
           "cat /tmp/reset.err >&2",
           "i=0; while [ \"$(cat /sys/class/nvme/nvme0/state)\" != live ] && [ $i -lt 100 ]; "
           "do sleep 0.1; i=$((i+1)); done",
-          "nvdp_section reset.state cat /sys/class/nvme/nvme0/state",
+          "nvdp_section reset.state cat /sys/class/nvme/nvme0/state"]
+    name, qd, off, size = RESETS
+    s += [f"fio {fio_args(name, qd, off, size)} >/tmp/resets.json 2>/tmp/resets.err &",
+          "pid=$!; n=0",
+          "sleep 2",
+          "while kill -0 $pid 2>/dev/null; do "
+          "echo 1 > /sys/class/nvme/nvme0/reset_controller && n=$((n+1)); sleep 2; done",
+          "wait $pid; frc=$?",
+          "nvdp_section resets cat /tmp/resets.json",
+          "nvdp_section resets.rc echo $frc",
+          "nvdp_section resets.count echo $n",
+          "cat /tmp/resets.err >&2",
           "nvdp_section dmesg dmesg"]
     if negative:
         name, qd, off, size = NEG
@@ -170,6 +187,16 @@ def test_config(t, cfg, qemu, negative, workdir):
             and dbbuf >= 2)
     t.ok(cond, f"{P} controller reset during a QD {qd} verify run loses nothing",
          f"{d}; ctl={ctl.split()} state={state} dbbuf_config events={dbbuf} (want >= 2)")
+    name, qd, off, size = RESETS
+    try:
+        frc = int(S.get("resets.rc", "").strip())
+        nres = int(S.get("resets.count", "").strip())
+    except ValueError:
+        frc = nres = None
+    ok, d = fio_check(S.get(name), frc, size)
+    t.ok(ok and nres is not None and nres >= 2,
+         f"{P} resets every 2 s during a QD {qd} verify run lose nothing",
+         f"{d}; resets={nres} (want >= 2)")
     if negative:
         name, qd, off, size = NEG
         text = S.get(name)
@@ -186,9 +213,125 @@ def test_config(t, cfg, qemu, negative, workdir):
     return time.monotonic() - t0
 
 
+class Qmp:
+    """Just enough QMP: commands, and the events seen meanwhile."""
+
+    def __init__(self, path):
+        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.s.settimeout(30)
+        self.s.connect(path)
+        self.buf = b""
+        self.events = []
+        self._read()                    # greeting
+        self.cmd("qmp_capabilities")
+
+    def _read(self):
+        while b"\n" not in self.buf:
+            data = self.s.recv(65536)
+            if not data:
+                raise EOFError("QMP closed")
+            self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def cmd(self, name, **args):
+        self.s.sendall(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
+        while True:
+            r = self._read()
+            if "event" in r:
+                self.events.append(r)
+            else:
+                return r
+
+    def wait_event(self, name, timeout):
+        end = time.monotonic() + timeout
+        while not any(e["event"] == name for e in self.events):
+            if time.monotonic() > end:
+                return False
+            self.s.settimeout(max(0.1, end - time.monotonic()))
+            try:
+                self.events.append(self._read())
+            except socket.timeout:
+                return False
+        return True
+
+
+UNPLUG_FIO = ("--output-format=json --name=unplug --filename=/dev/nvme0n1 --direct=1 "
+              "--ioengine=libaio --rw=randwrite --bs=4k --iodepth=64 --size=256M "
+              "--time_based --runtime=60")
+
+
+def unplug_job():
+    return "\n".join([
+        "set -u",
+        "nvdp_wait_dev /dev/nvme0n1 60 || { nvdp_log 'no /dev/nvme0n1'; exit 3; }",
+        f"fio {UNPLUG_FIO} >/tmp/u.json 2>/tmp/u.err &",
+        "pid=$!",
+        "sleep 3",
+        "nvdp_section unplug.before sh -c 'kill -0 '$pid' && echo FIO-RUNNING'",
+        "nvdp_sync unplug",
+        "i=0; while [ -e /sys/class/nvme/nvme0 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done",
+        "nvdp_section unplug.gone sh -c '[ -e /sys/class/nvme/nvme0 ] && echo STILL-THERE "
+        "|| echo GONE'",
+        "kill $pid 2>/dev/null; wait $pid",
+        "nvdp_sync after",
+        "exit 0"]) + "\n"
+
+
+def test_unplug(t, cfg, qemu, workdir):
+    """device_del of the controller during I/O: QEMU survives, answers."""
+    image = os.path.join(workdir, f"{cfg.name}-unplug.img")
+    with open(image, "wb") as f:
+        f.truncate(512 * MiB)
+    qmp_path = os.path.join(workdir, f"{cfg.name}.qmp")
+    if os.path.exists(qmp_path):
+        os.unlink(qmp_path)
+    # a hot-pluggable slot: a PCIe root port (q35's root bus is not)
+    args = ["-device", "pcie-root-port,id=rp0,bus=pcie.0,chassis=1",
+            "-qmp", f"unix:{qmp_path},server=on,wait=off"] + cfg.qemu_args("native", image)
+    i = max(k for k, a in enumerate(args) if a.startswith("nvme,"))
+    args[i] += ",id=dut,bus=rp0"
+    res = {}
+
+    def on_sync(tag, pid):
+        try:
+            q = res.setdefault("qmp", None) or Qmp(qmp_path)
+            res["qmp"] = q
+            if tag == "unplug":
+                res["del"] = q.cmd("device_del", id="dut")
+            elif tag == "after":
+                res["deleted"] = q.wait_event("DEVICE_DELETED", 20)
+                res["status"] = q.cmd("query-status").get("return", {}).get("status")
+                pci = q.cmd("query-pci").get("return", [])
+                res["present"] = "dut" in json.dumps(pci)
+        except (OSError, EOFError, ValueError) as e:
+            res["error"] = repr(e)
+
+    r = vm.Guest(qemu, unplug_job(), workdir, cfg.name + "-unplug", args,
+                 timeout=240).run(on_sync=on_sync)
+    print(f"# {cfg.name}-unplug: {r.describe()}", flush=True)
+    P = f"{cfg.name}:"
+    d = (f"del={res.get('del')} deleted={res.get('deleted')} status={res.get('status')} "
+         f"present={res.get('present')} error={res.get('error')} "
+         f"before={r.sections.get('unplug.before', '').split()} "
+         f"guest={r.sections.get('unplug.gone', '').split()} qemu_rc={r.qemu_rc}")
+    t.ok("FIO-RUNNING" in r.sections.get("unplug.before", "")
+         and "return" in (res.get("del") or {}) and res.get("deleted")
+         and res.get("status") == "running" and res.get("present") is False
+         and "GONE" in r.sections.get("unplug.gone", "") and r.ended
+         and "error" not in res and r.qemu_rc == 0,
+         f"{P} device_del during QD 64 I/O: device removed, QEMU alive and answering",
+         d + "\n" + "\n".join(r.logs))
+    if res.get("qmp"):
+        res["qmp"].s.close()
+    os.unlink(image)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs")
+    ap.add_argument("--tests", default="main,unplug",
+                    help="which boots per configuration: main, unplug (default both)")
     ap.add_argument("--qemu", help="QEMU binary (default: the patched build); e.g. "
                     "build/stock/build/qemu-system-x86_64 to check the harness on the base")
     a = ap.parse_args()
@@ -215,9 +358,12 @@ def main():
         if miss:
             t.skip(f"{cfg.name}: all", f"nvme has no property {', '.join(miss)}")
             continue
-        dt = test_config(t, cfg, qemu, first, workdir)
-        print(f"# {cfg.name}: {dt:.0f}s", flush=True)
-        first = False
+        if "main" in a.tests.split(","):
+            dt = test_config(t, cfg, qemu, first, workdir)
+            print(f"# {cfg.name}: {dt:.0f}s", flush=True)
+            first = False
+        if "unplug" in a.tests.split(","):
+            test_unplug(t, cfg, qemu, workdir)
     print(f"1..{t.n}")
     print(f"guest: {t.passed} passed, {t.failed} failed" +
           (f", {t.skipped} skipped" if t.skipped else ""))
