@@ -107,6 +107,12 @@ run_tap "qos-test (nvme)" "$logdir/qos-test-nvme.log" \
 run_tap "nvme-io-test" "$logdir/nvme-io-test.log" \
     run_each "$bdir/tests/qtest/nvme-io-test"
 
+# the libvirt example's QEMU arguments still start a controller in an IOThread
+if [ -z "${CHECK_QTESTS_ONLY:-}" ]; then
+    run_tap "examples" "$logdir/examples.log" \
+        /usr/bin/python3 "$top/examples/libvirt/check.py" "$bdir/qemu-system-x86_64"
+fi
+
 # 4. guest tests (fio verify, nvme-cli, reset in a Debian guest); the
 #    image is built from Debian packages on first use (make guest)
 if [ -z "${SKIP_GUEST:-}" ] && [ -z "${CHECK_QTESTS_ONLY:-}" ]; then
