@@ -130,6 +130,7 @@ CONFIGS = [
     nvme("nvme-ioeventfd", "ioeventfd=on"),
     nvme("nvme-irqfd", "ioeventfd=on,irq-eventfd=on"),
     nvme("nvme-iothread", "ioeventfd=on", iothread="poll-max-ns=0"),
+    nvme("nvme-iothread-poll", "ioeventfd=on", iothread="poll-max-ns=32768", quick=False),
     virtio_blk("virtio-blk"),
     virtio_blk("virtio-blk-iothread", iothread="poll-max-ns=0"),
     virtio_blk("virtio-blk-iothread-poll", iothread="poll-max-ns=32768", quick=False),
