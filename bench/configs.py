@@ -17,6 +17,8 @@ Fields:
   iothread   None, or the properties of `-object iothread,id=iothread0,...`;
              the thread is then named "IO iothread0" on the host
   quick      part of the default `make bench` matrix
+  guest_tests  (nvme, patched) also run by the guest tests; False for
+             variants that only differ in tuning
   baseline   the configuration that ratios are computed against
 """
 
@@ -37,7 +39,7 @@ BACKENDS = {
 class Config:
     def __init__(self, name, kind, driver, props="", iothread=None, qemu="patched",
                  quick=True, baseline=False, desc="", guest_dev=None, irq_pattern=None,
-                 doorbell_events=(), count_props=""):
+                 doorbell_events=(), count_props="", guest_tests=True):
         self.name = name
         self.kind = kind            # nvme | virtio-blk | null_blk
         self.driver = driver        # -device driver (None: no device)
@@ -51,6 +53,7 @@ class Config:
         self.irq_pattern = irq_pattern      # regex on /proc/interrupts names
         self.doorbell_events = list(doorbell_events)
         self.count_props = count_props      # props overridden in the count pass
+        self.guest_tests = guest_tests      # nvme: also covered by tests/guest
 
     def prop_dict(self, counting=False):
         d = {}
@@ -131,9 +134,12 @@ CONFIGS = [
     nvme("nvme-irqfd", "ioeventfd=on,irq-eventfd=on"),
     nvme("nvme-iothread", "ioeventfd=on", iothread="poll-max-ns=0"),
     nvme("nvme-iothread-poll", "ioeventfd=on", iothread="poll-max-ns=32768", quick=False),
+    nvme("nvme-iothread-poll1ms", "ioeventfd=on", iothread="poll-max-ns=1000000",
+         quick=False, guest_tests=False),
     virtio_blk("virtio-blk"),
     virtio_blk("virtio-blk-iothread", iothread="poll-max-ns=0"),
     virtio_blk("virtio-blk-iothread-poll", iothread="poll-max-ns=32768", quick=False),
+    virtio_blk("virtio-blk-iothread-poll1ms", iothread="poll-max-ns=1000000", quick=False),
     null_blk("null_blk"),
 ]
 

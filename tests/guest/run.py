@@ -339,6 +339,7 @@ def main():
     os.makedirs(workdir, exist_ok=True)
     names = a.configs.split(",") if a.configs else None
     cfgs = [c for c in configs.CONFIGS if c.kind == "nvme" and c.qemu == "patched"
+            and c.guest_tests
             and (names is None or c.name in names)]
     t = Tap()
     if not cfgs:
