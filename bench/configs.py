@@ -91,9 +91,15 @@ NVME_MMIO_DOORBELLS = ["pci_nvme_mmio_doorbell_sq", "pci_nvme_mmio_doorbell_cq"]
 NVME_IOEVENTFD_DOORBELLS = ["pci_nvme_ioeventfd_doorbell_sq", "pci_nvme_ioeventfd_doorbell_cq"]
 
 
+def with_iothread(props, iothread):
+    """Device properties plus iothread=iothread0 when there is one."""
+    if iothread is None:
+        return props
+    return ",".join(filter(None, [props, "iothread=iothread0"]))
+
+
 def nvme(name, props="", iothread=None, **kw):
-    if iothread is not None:
-        props = ",".join(filter(None, [props, "iothread=iothread0"]))
+    props = with_iothread(props, iothread)
     kw.setdefault("desc", f"-device nvme{',' + props if props else ''}"
                   + (f" + iothread {iothread}" if iothread else ""))
     if iothread is None:
@@ -107,8 +113,7 @@ def nvme(name, props="", iothread=None, **kw):
 
 
 def virtio_blk(name, props="", iothread=None, **kw):
-    if iothread is not None:
-        props = ",".join(filter(None, [props, "iothread=iothread0"]))
+    props = with_iothread(props, iothread)
     kw.setdefault("desc", f"-device virtio-blk-pci{',' + props if props else ''}"
                   + (f" + iothread {iothread}" if iothread else ""))
     # virtio-blk refuses iothread with ioeventfd=off, and the eventfd path
