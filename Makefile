@@ -17,6 +17,10 @@ TREE := build/qemu
 QBUILD := $(TREE)/build
 QTESTS := tests/qtest/qos-test tests/qtest/nvme-io-test
 export QEMU_SRC
+# the harness (nvdp/) and QEMU's python package (qemu.machine, qemu.qmp) of
+# the built tree, for the harness's python3 runs (here and in check.sh);
+# not exported, so QEMU's own build does not see it
+NVDP_ENV := PYTHONPATH=$(CURDIR):$(CURDIR)/$(TREE)/python
 
 .PHONY: all deps base tree qemu check check-asan export reapply fuzz clean distclean
 
@@ -37,7 +41,7 @@ qemu: tree
 	@echo "built $(QBUILD)/qemu-system-x86_64 on $$(cat build/base/VERSION) + $$(ls patches/*.patch 2>/dev/null | wc -l) patches"
 
 check: qemu
-	@scripts/check.sh
+	@$(NVDP_ENV) scripts/check.sh
 
 export:
 	@scripts/series.sh export
@@ -51,7 +55,7 @@ check-asan: tree
 	@QEMU_BUILD_DIR=build/qemu-fuzz QEMU_CC=clang QEMU_CXX=clang++ \
 	    QEMU_CONFIGURE_EXTRA="--enable-fuzzing --enable-asan --enable-ubsan" \
 	    scripts/build-qemu.sh $(TREE) qemu-system-x86_64 $(QTESTS)
-	@CHECK_BUILD_DIR=$(CURDIR)/build/qemu-fuzz CHECK_QTESTS_ONLY=1 scripts/check.sh
+	@$(NVDP_ENV) CHECK_BUILD_DIR=$(CURDIR)/build/qemu-fuzz CHECK_QTESTS_ONLY=1 scripts/check.sh
 
 reapply: base
 	@scripts/series.sh reapply
@@ -67,7 +71,9 @@ distclean:
 #   make stock          unpatched QEMU (tag nvme-dataplane-base) in build/stock
 #   make bench          quick matrix (~15 min); FULL=1 everything;
 #                       CONFIGS=a,b picks configurations; PASSES=n
-#   make check-guest    guest tests (fio verify, nvme-cli, reset), TAP-ish
+#   make check-guest    guest tests (fio verify, nvme-cli, reset), TAP;
+#                       CONFIGS=a,b picks nvme configurations
+# (python3 -m nvdp.bench --help: more knobs; with NVDP_ENV's PYTHONPATH)
 STOCK := build/stock
 HEAVY_LOCK := /tmp/nvdp-heavy.lock
 .PHONY: guest stock bench check-guest
@@ -85,8 +91,8 @@ $(STOCK)/build/qemu-system-x86_64:
 	    if [ ! -x $@ ]; then scripts/build-qemu.sh $(STOCK) qemu-system-x86_64; fi'
 
 bench: guest stock
-	@/usr/bin/python3 bench/run.py $(if $(FULL),--full) \
+	@$(NVDP_ENV) /usr/bin/python3 -m nvdp.bench $(if $(FULL),--full) \
 	    $(if $(CONFIGS),--configs $(CONFIGS)) $(if $(PASSES),--passes $(PASSES))
 
 check-guest: guest
-	@/usr/bin/python3 tests/guest/run.py
+	@$(NVDP_ENV) /usr/bin/python3 tests/guest/run.py $(if $(CONFIGS),--configs $(CONFIGS))

@@ -2,8 +2,10 @@
 # make check: checkpatch on every patch, the nvme qtests, the guest tests.
 # Every suite counts the test cases it ran; a suite that runs none fails.
 # Ends with one line: "N passed, N failed, N skipped".  SKIP_GUEST=1 leaves
-# the guest tests out.
+# the guest tests out; CONFIGS=a,b picks the guest tests' configurations.
+# The python parts need the Makefile's PYTHONPATH (nvdp/, build/qemu/python).
 set -uo pipefail
+: "${PYTHONPATH:?run through make (make check), which sets PYTHONPATH}"
 top=$(cd "$(dirname "$0")/.." && pwd)
 tree=$top/build/qemu
 bdir=${CHECK_BUILD_DIR:-$tree/build}   # make check-asan: the ASan build
@@ -117,7 +119,8 @@ fi
 #    image is built from Debian packages on first use (make guest)
 if [ -z "${SKIP_GUEST:-}" ] && [ -z "${CHECK_QTESTS_ONLY:-}" ]; then
     if make -s -C "$top" guest >"$logdir/guest-image.log" 2>&1; then
-        run_tap "guest" "$logdir/guest.log" /usr/bin/python3 "$top/tests/guest/run.py"
+        run_tap "guest" "$logdir/guest.log" /usr/bin/python3 "$top/tests/guest/run.py" \
+            ${CONFIGS:+--configs "$CONFIGS"}
     else
         tail -20 "$logdir/guest-image.log"
         record "guest image (make guest)" 1 "see $logdir/guest-image.log"

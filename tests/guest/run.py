@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Guest tests of the emulated NVMe controller (`make check-guest`).
 
-One guest boot per nvme configuration of bench/configs.py that runs on the
+One guest boot per nvme configuration of nvdp/configs.py that runs on the
 patched QEMU (nvme, nvme-ioeventfd, and whatever later issues add); a
 configuration whose properties the binary lacks is reported as skipped.
 In each boot:
@@ -21,23 +21,21 @@ In each boot:
 A second boot per configuration, with the controller behind a PCIe root
 port: `device_del` of the controller while fio runs at QD 64.  The guest
 may see errors; QEMU must survive, remove the device and answer QMP.
-Output: TAP-ish `ok N - name` / `not ok N - name`, then "N passed, N failed";
+Output: TAP (nvdp/tap.py) `ok N - name` / `not ok N - name`, then "N passed, N failed";
 exit status 1 if anything failed.  A missing result is a failure.
 
-Options: --configs a,b; --tests main,unplug; --qemu BINARY.  Per-boot logs stay in build/guest-tests/.
+Options: --configs a,b; --tests main,unplug; --qemu BINARY.  Per-boot logs
+stay in build/guest-tests/.  Run from the repository root with
+PYTHONPATH=.:build/qemu/python (the Makefile sets it).
 """
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "guest"))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-import vm          # noqa: E402
-import configs     # noqa: E402
+from nvdp import ROOT, configs, fio, vm
+from nvdp.tap import Tap
 
 MiB = 1 << 20
 VERIFY = [("v16", 16, 0, 32 * MiB), ("v64", 64, 64 * MiB, 32 * MiB)]
@@ -46,16 +44,15 @@ RESETS = ("resets", 64, 320 * MiB, 96 * MiB)   # reset every 2 s meanwhile
 NEG = ("neg", 8, 256 * MiB, 4 * MiB)
 
 
-def fio_args(name, qd, offset, size, extra=""):
-    return (f"--output-format=json --name={name} --filename=/dev/nvme0n1 --direct=1 "
-            f"--ioengine=libaio --rw=randwrite --bs=4k --iodepth={qd} --offset={offset} "
-            f"--size={size} --verify=crc32c --do_verify=1 --verify_fatal=1 "
-            f"--randrepeat=0 {extra}").strip()
+def fio_args(name, qd, offset, size, **extra):
+    opts = dict(offset=offset, size=size, verify="crc32c", do_verify=1, verify_fatal=1,
+                randrepeat=0)
+    return "--output-format=json " + fio.cmdline(name, "/dev/nvme0n1", "randwrite", qd,
+                                                 **{**opts, **extra})
 
 
 def job(negative):
-    s = ["set -u",
-         "nvdp_wait_dev /dev/nvme0n1 60 || { nvdp_log 'no /dev/nvme0n1'; exit 3; }",
+    s = fio.wait_dev("/dev/nvme0n1") + [
          "nvdp_section devinfo sh -c 'cat /sys/block/nvme0n1/size /sys/class/nvme/nvme0/state'",
          "nvdp_section idctrl nvme id-ctrl /dev/nvme0 -o json",
          "dd if=/dev/urandom of=/tmp/w bs=4096 count=1 2>/dev/null",
@@ -91,49 +88,22 @@ def job(negative):
           "nvdp_section dmesg dmesg"]
     if negative:
         name, qd, off, size = NEG
-        s += [f"fio {fio_args(name, qd, off, size, '--do_verify=0')} >/dev/null 2>&1",
+        s += [f"fio {fio_args(name, qd, off, size, do_verify=0)} >/dev/null 2>&1",
               # corrupt one 4 KiB block in the middle of the region, behind fio's back
               f"dd if=/dev/urandom of=/dev/nvme0n1 bs=4096 count=1 seek={(off + size // 2) // 4096} "
               "oflag=direct conv=notrunc 2>/dev/null",
-              f"nvdp_section neg fio {fio_args(name, qd, off, size, '--verify_only=1')}"]
+              f"nvdp_section neg fio {fio_args(name, qd, off, size, verify_only=1)}"]
     return "\n".join(s) + "\nexit 0\n"
-
-
-class Tap:
-    def __init__(self):
-        self.n = 0
-        self.failed = 0
-        self.passed = 0
-        self.skipped = 0
-
-    def ok(self, cond, name, diag=None):
-        self.n += 1
-        if cond:
-            self.passed += 1
-            print(f"ok {self.n} - {name}", flush=True)
-        else:
-            self.failed += 1
-            print(f"not ok {self.n} - {name}", flush=True)
-            if diag:
-                for line in str(diag).splitlines()[:15]:
-                    print(f"#   {line}", flush=True)
-
-    def skip(self, name, why):
-        self.n += 1
-        self.skipped += 1
-        print(f"ok {self.n} - {name} # SKIP {why}", flush=True)
 
 
 def fio_check(text, rc, size):
     """(passed, diagnosis) for a verify run that must move exactly SIZE."""
     if text is None:
         return False, "no fio output (missing result)"
-    try:
-        j = json.loads(text[text.index("{"):])
-        jb = j["jobs"][0]
-    except (ValueError, KeyError, IndexError) as e:
-        return False, f"unparsable fio json ({e}): {text[:300]}"
-    w, r, err = jb["write"]["io_bytes"], jb["read"]["io_bytes"], jb.get("error", 0)
+    f = fio.parse(text)
+    if f is None:
+        return False, f"unparsable fio json: {text[:300]}"
+    w, r, err = f["write_bytes"], f["read_bytes"], f["error"]
     d = f"rc={rc} error={err} written={w} read={r} expected={size} each"
     return (rc == 0 and err == 0 and w == size and r == size), d
 
@@ -182,7 +152,6 @@ def test_config(t, cfg, qemu, negative, workdir):
         frc = None
     ok, d = fio_check(S.get("reset"), frc, size)
     state = S.get("reset.state", "").strip()
-    resets = S.get("dmesg", "").count("resetting controller") if "dmesg" in S else None
     cond = (ok and "FIO-RUNNING" in ctl and "RESET-WRITTEN" in ctl and state == "live"
             and dbbuf >= 2)
     t.ok(cond, f"{P} controller reset during a QD {qd} verify run loses nothing",
@@ -199,72 +168,20 @@ def test_config(t, cfg, qemu, negative, workdir):
          f"{d}; resets={nres} (want >= 2)")
     if negative:
         name, qd, off, size = NEG
-        text = S.get(name)
-        bad = False
-        try:
-            jb = json.loads(text[text.index("{"):])["jobs"][0]
-            bad = jb.get("error", 0) != 0
-        except (ValueError, KeyError, IndexError, AttributeError, TypeError):
-            bad = False
-        t.ok(RC.get(name) not in (None, 0) and bad,
+        f = fio.parse(S.get(name))
+        t.ok(RC.get(name) not in (None, 0) and f and f["error"] != 0,
              f"{P} negative control: verify detects a corrupted block",
              f"rc={RC.get(name)} (want non-zero and a job error)")
     os.unlink(image)
     return time.monotonic() - t0
 
 
-class Qmp:
-    """Just enough QMP: commands, and the events seen meanwhile."""
-
-    def __init__(self, path):
-        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.s.settimeout(30)
-        self.s.connect(path)
-        self.buf = b""
-        self.events = []
-        self._read()                    # greeting
-        self.cmd("qmp_capabilities")
-
-    def _read(self):
-        while b"\n" not in self.buf:
-            data = self.s.recv(65536)
-            if not data:
-                raise EOFError("QMP closed")
-            self.buf += data
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def cmd(self, name, **args):
-        self.s.sendall(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
-        while True:
-            r = self._read()
-            if "event" in r:
-                self.events.append(r)
-            else:
-                return r
-
-    def wait_event(self, name, timeout):
-        end = time.monotonic() + timeout
-        while not any(e["event"] == name for e in self.events):
-            if time.monotonic() > end:
-                return False
-            self.s.settimeout(max(0.1, end - time.monotonic()))
-            try:
-                self.events.append(self._read())
-            except socket.timeout:
-                return False
-        return True
-
-
-UNPLUG_FIO = ("--output-format=json --name=unplug --filename=/dev/nvme0n1 --direct=1 "
-              "--ioengine=libaio --rw=randwrite --bs=4k --iodepth=64 --size=256M "
-              "--time_based --runtime=60")
+UNPLUG_FIO = "--output-format=json " + fio.cmdline(
+    "unplug", "/dev/nvme0n1", "randwrite", 64, size="256M", time_based=True, runtime=60)
 
 
 def unplug_job():
-    return "\n".join([
-        "set -u",
-        "nvdp_wait_dev /dev/nvme0n1 60 || { nvdp_log 'no /dev/nvme0n1'; exit 3; }",
+    return "\n".join(fio.wait_dev("/dev/nvme0n1") + [
         f"fio {UNPLUG_FIO} >/tmp/u.json 2>/tmp/u.err &",
         "pid=$!",
         "sleep 3",
@@ -283,28 +200,25 @@ def test_unplug(t, cfg, qemu, workdir):
     image = os.path.join(workdir, f"{cfg.name}-unplug.img")
     with open(image, "wb") as f:
         f.truncate(512 * MiB)
-    qmp_path = os.path.join(workdir, f"{cfg.name}.qmp")
-    if os.path.exists(qmp_path):
-        os.unlink(qmp_path)
     # a hot-pluggable slot: a PCIe root port (q35's root bus is not)
-    args = ["-device", "pcie-root-port,id=rp0,bus=pcie.0,chassis=1",
-            "-qmp", f"unix:{qmp_path},server=on,wait=off"] + cfg.qemu_args("native", image)
+    args = ["-device", "pcie-root-port,id=rp0,bus=pcie.0,chassis=1"] + \
+        cfg.qemu_args("native", image)
     i = max(k for k, a in enumerate(args) if a.startswith("nvme,"))
     args[i] += ",id=dut,bus=rp0"
     res = {}
 
-    def on_sync(tag, pid):
+    def on_sync(tag, machine):      # QMP through QEMUMachine (qemu.qmp)
         try:
-            q = res.setdefault("qmp", None) or Qmp(qmp_path)
-            res["qmp"] = q
             if tag == "unplug":
-                res["del"] = q.cmd("device_del", id="dut")
+                res["del"] = machine.qmp("device_del", id="dut")
             elif tag == "after":
-                res["deleted"] = q.wait_event("DEVICE_DELETED", 20)
-                res["status"] = q.cmd("query-status").get("return", {}).get("status")
-                pci = q.cmd("query-pci").get("return", [])
-                res["present"] = "dut" in json.dumps(pci)
-        except (OSError, EOFError, ValueError) as e:
+                try:
+                    res["deleted"] = bool(machine.event_wait("DEVICE_DELETED", 20))
+                except TimeoutError:
+                    res["deleted"] = False
+                res["status"] = machine.cmd("query-status").get("status")
+                res["present"] = "dut" in json.dumps(machine.cmd("query-pci"))
+        except Exception as e:      # noqa: BLE001 -- any QMP failure fails the case
             res["error"] = repr(e)
 
     r = vm.Guest(qemu, unplug_job(), workdir, cfg.name + "-unplug", args,
@@ -322,8 +236,6 @@ def test_unplug(t, cfg, qemu, workdir):
          and "error" not in res and r.qemu_rc == 0,
          f"{P} device_del during QD 64 I/O: device removed, QEMU alive and answering",
          d + "\n" + "\n".join(r.logs))
-    if res.get("qmp"):
-        res["qmp"].s.close()
     os.unlink(image)
 
 
@@ -341,7 +253,7 @@ def main():
     cfgs = [c for c in configs.CONFIGS if c.kind == "nvme" and c.qemu == "patched"
             and c.guest_tests
             and (names is None or c.name in names)]
-    t = Tap()
+    t = Tap("guest")
     if not cfgs:
         t.ok(False, "no nvme configuration selected")
     qemu = os.path.abspath(a.qemu) if a.qemu else \
@@ -365,10 +277,7 @@ def main():
             first = False
         if "unplug" in a.tests.split(","):
             test_unplug(t, cfg, qemu, workdir)
-    print(f"1..{t.n}")
-    print(f"guest: {t.passed} passed, {t.failed} failed" +
-          (f", {t.skipped} skipped" if t.skipped else ""))
-    sys.exit(1 if t.failed or not t.passed else 0)
+    sys.exit(t.done())
 
 
 if __name__ == "__main__":
