@@ -133,6 +133,12 @@ CONFIGS = [
     nvme("nvme-iothread-poll", "ioeventfd=on", iothread="poll-max-ns=32768", quick=False),
     nvme("nvme-iothread-poll1ms", "ioeventfd=on", iothread="poll-max-ns=1000000",
          quick=False, guest_tests=False),
+    # MMIO doorbells only (no Doorbell Buffer Config, as Windows, the BSDs
+    # and SPDK): every doorbell handed from the vCPU to the IOThread;
+    # ioeventfd left to its default (on with iothread)
+    nvme("nvme-iothread-dbcs-off", "dbcs=off", iothread="poll-max-ns=0", quick=False),
+    nvme("nvme-iothread-poll-dbcs-off", "dbcs=off", iothread="poll-max-ns=32768",
+         quick=False),
     virtio_blk("virtio-blk"),
     virtio_blk("virtio-blk-iothread", iothread="poll-max-ns=0"),
     virtio_blk("virtio-blk-iothread-poll", iothread="poll-max-ns=32768", quick=False),
