@@ -194,7 +194,10 @@ def unplug_job():
         "i=0; while [ -e /sys/class/nvme/nvme0 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done",
         "nvdp_section unplug.gone sh -c '[ -e /sys/class/nvme/nvme0 ] && echo STILL-THERE "
         "|| echo GONE'",
-        "kill $pid 2>/dev/null; wait $pid",
+        # fio may sit on I/O the guest driver is still failing: do not let
+        # the job wait for it without end (what is checked is QEMU's side)
+        "kill $pid 2>/dev/null; i=0; while kill -0 $pid 2>/dev/null && [ $i -lt 100 ]; "
+        "do sleep 0.1; i=$((i+1)); done",
         "nvdp_sync after",
         "exit 0"]) + "\n"
 
