@@ -8,6 +8,7 @@
 #   make fuzz       build generic-fuzz with ASan/UBSan (clang), run it on the
 #                   nvme configurations (FUZZ_TIME=600 seconds each)
 #   make check-asan the nvme qtests against an ASan/UBSan QEMU
+#   make check-tsan the IOThread nvme qtests against a ThreadSanitizer QEMU
 #
 # QEMU_SRC=/path/to/qemu make uses that tree as the base instead of Debian's.
 -include config.mk
@@ -22,7 +23,7 @@ export QEMU_SRC
 # not exported, so QEMU's own build does not see it
 NVDP_ENV := PYTHONPATH=$(CURDIR):$(CURDIR)/$(TREE)/python
 
-.PHONY: all deps base tree qemu check check-asan export reapply fuzz clean distclean
+.PHONY: all deps base tree qemu check check-asan check-tsan export reapply fuzz clean distclean
 
 all: qemu
 
@@ -56,6 +57,11 @@ check-asan: tree
 	    QEMU_CONFIGURE_EXTRA="--enable-fuzzing --enable-asan --enable-ubsan" \
 	    scripts/build-qemu.sh $(TREE) qemu-system-x86_64 $(QTESTS)
 	@$(NVDP_ENV) CHECK_BUILD_DIR=$(CURDIR)/build/qemu-fuzz CHECK_QTESTS_ONLY=1 scripts/check.sh
+
+# the IOThread configurations of nvme-io-test under clang's ThreadSanitizer
+# (build/qemu-tsan); reports in hw/nvme/ fail it
+check-tsan: tree
+	@scripts/check-tsan.sh
 
 reapply: base
 	@scripts/series.sh reapply

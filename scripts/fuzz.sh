@@ -3,7 +3,8 @@
 # clang from Debian) and run it on each nvme configuration.
 #
 #   FUZZ_TIME     seconds per configuration (default 600)
-#   FUZZ_CONFIGS  generic-fuzz configurations (default: nvme nvme-ioeventfd)
+#   FUZZ_CONFIGS  generic-fuzz configurations (default: nvme nvme-ioeventfd
+#                 nvme-iothread nvme-iothread-poll)
 #
 # Each configuration starts from the seeds in fuzz/seeds/<config>/ (or
 # fuzz/seeds/common/) plus the corpus of earlier runs in build/fuzz/.
@@ -14,7 +15,7 @@ tree=$top/build/qemu
 fbdir=$top/build/qemu-fuzz
 out=$top/build/fuzz
 time=${FUZZ_TIME:-600}
-configs=${FUZZ_CONFIGS:-nvme nvme-ioeventfd}
+configs=${FUZZ_CONFIGS:-nvme nvme-ioeventfd nvme-iothread nvme-iothread-poll}
 
 QEMU_BUILD_DIR=$fbdir QEMU_CC=clang QEMU_CXX=clang++ \
 QEMU_CONFIGURE_EXTRA="--enable-fuzzing --enable-asan --enable-ubsan" \
