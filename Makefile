@@ -79,10 +79,15 @@ distclean:
 #                       CONFIGS=a,b picks configurations; PASSES=n
 #   make check-guest    guest tests (fio verify, nvme-cli, reset), TAP;
 #                       CONFIGS=a,b picks nvme configurations
+#   make check-kvm      the KVM path (irqfds) for real, nested: an L1 guest
+#                       under TCG (-cpu max: SVM) runs this QEMU with
+#                       -accel kvm on the guest (nvme-iothread), fio verify
+#                       while cpu1 goes offline/online; TAP, SKIP without
+#                       KVM in L1 (~3 min; build/kvm-l1, build/kvm-check)
 # (python3 -m nvdp.bench --help: more knobs; with NVDP_ENV's PYTHONPATH)
 STOCK := build/stock
 HEAVY_LOCK := /tmp/nvdp-heavy.lock
-.PHONY: guest stock bench check-guest
+.PHONY: guest stock bench check-guest check-kvm
 
 guest:
 	@guest/mkimage.sh build/guest
@@ -102,3 +107,9 @@ bench: guest stock
 
 check-guest: guest
 	@$(NVDP_ENV) /usr/bin/python3 tests/guest/run.py $(if $(CONFIGS),--configs $(CONFIGS))
+
+# L1 = build/kvm-l1 (guest/mkl1.py: the guest's Debian kernel, busybox,
+# kvm/kvm_amd/9p modules, guest/init-l1), L2 = build/guest
+check-kvm: guest
+	@/usr/bin/python3 guest/mkl1.py build/kvm-l1
+	@$(NVDP_ENV) /usr/bin/python3 tests/kvm/run.py

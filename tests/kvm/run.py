@@ -1,0 +1,340 @@
+#!/usr/bin/python3
+"""The KVM path of the patched QEMU, nested (`make check-kvm`).
+
+This machine has no usable /dev/kvm, so the test brings its own KVM host:
+
+  L0 (here)  the patched qemu-system-x86_64 under TCG (-cpu max emulates
+             AMD SVM with nested paging) boots L1: build/kvm-l1 (the Debian
+             kernel of the guest image, an initramfs from guest/mkl1.py
+             whose /init is guest/init-l1);
+  L1         loads kvm and kvm_amd, mounts this machine's root read-only
+             over virtio-9p and a writable 9p share (build/kvm-check/share,
+             at the same path), chroots into the root and runs this script
+             with --inside: the SAME QEMU binary, python and harness;
+  L2         the project's guest (build/guest) booted by nvdp.vm.Guest
+             with -accel kvm -cpu host and the configuration nvme-iothread
+             of nvdp/configs.py (IOThread, ioeventfd=on, irq-eventfd on).
+             In L2: fio randwrite verify=crc32c at QD 16 while cpu1 goes
+             offline and online again every ~100 ms.
+
+QEMU's trace of L2's QEMU (pci_nvme_irq*, pci_nvme_err_irq*,
+kvm_irqchip_*) and everything else lands in the share; then, here:
+  - L1 has /dev/kvm, nested virtualization and nested paging (otherwise the
+    whole test is reported as SKIP, with the reason);
+  - L2 boots under KVM and its job ends;
+  - pci_nvme_irq_eventfd_init says "kvm-irqfd", I/O CQ vectors get KVM
+    irqfds attached, and no pci_nvme_err_irq_vector;
+  - fio's verify is clean (exact bytes written and read back, no error);
+  - the offline/online cycles ran, and QEMU updated the vectors' MSI routes
+    or irqfds (pci_nvme_irq_vector_route/_irqfd, kvm_irqchip_update_msi_route,
+    kvm_irqchip_commit_routes) while they did.
+Output: TAP (nvdp/tap.py), "kvm: N passed, N failed".  Files: build/kvm-check/.
+
+L2's disk image is a file on L1's tmpfs, opened buffered with aio=threads
+(tmpfs has no O_DIRECT; the configuration's own cache.direct=on,aio=native
+on the 9p share instead managed ~20 I/Os per second here and timed out).
+
+Options: --config NAME (default nvme-iothread), --size-mib N (fio's region,
+default 32), --timeout S
+(for L1, default 300), --l1-cpu MODEL (L1's -cpu, default max; "max,-svm"
+shows the SKIP path).  Run from the repository root with
+PYTHONPATH=.:build/qemu/python (the Makefile sets it); build/kvm-l1 must be
+built (guest/mkl1.py; the Makefile does it).
+"""
+import argparse
+import fcntl
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from nvdp import ROOT, configs, fio, vm   # noqa: E402
+from nvdp.tap import Tap                  # noqa: E402
+
+MiB = 1 << 20
+L1_DIR = os.path.join(ROOT, "build", "kvm-l1")
+WORK = os.path.join(ROOT, "build", "kvm-check")
+SHARE = os.path.join(WORK, "share")
+TRACE_EVENTS = ["pci_nvme_irq*", "pci_nvme_err_irq*", "kvm_irqchip_*"]
+# what an MSI route / irqfd update of an nvme vector leaves in the trace
+UPDATE_EVENTS = ("pci_nvme_irq_vector_route", "pci_nvme_irq_vector_irqfd",
+                 "kvm_irqchip_update_msi_route", "kvm_irqchip_commit_routes",
+                 "kvm_irqchip_add_msi_route")
+CPU1 = "/sys/devices/system/cpu/cpu1/online"
+
+
+# ------------------------------------------------------------------ L2 (run in L1)
+def l2_job(size):
+    f = fio.cmdline("v16", "/dev/nvme0n1", "randwrite", 16, size=size, verify="crc32c",
+                    do_verify=1, verify_fatal=1, randrepeat=0)
+    return "\n".join(fio.wait_dev("/dev/nvme0n1") + [
+        "nvdp_section cpus cat /sys/devices/system/cpu/online",
+        "nvdp_irqs irq0",
+        f"fio --output-format=json {f} >/tmp/f.json 2>/tmp/f.err &",
+        "pid=$!",
+        "nvdp_sync cycles-begin",
+        # cpu1 offline and online again every ~100 ms while fio runs
+        "n=0; bad=0",
+        "while kill -0 $pid 2>/dev/null; do",
+        f"  if echo 0 >{CPU1}; then sleep 0.05; echo 1 >{CPU1} && n=$((n+1)) || bad=$((bad+1));",
+        "  else bad=$((bad+1)); fi",
+        "  sleep 0.05",
+        "done",
+        f"echo 1 >{CPU1} 2>/dev/null",
+        "nvdp_sync cycles-end",
+        "wait $pid; frc=$?",
+        "nvdp_section fio cat /tmp/f.json",
+        "nvdp_section fio.rc echo $frc",
+        "nvdp_section cycles echo $n $bad",
+        "cat /tmp/f.err >&2",
+        "nvdp_irqs irq1",
+        "nvdp_section dmesg dmesg",
+        "exit 0"]) + "\n"
+
+
+def inside(a):
+    """In L1's chroot: boot L2 under KVM, leave everything in the share."""
+    cfg = configs.BY_NAME[a.config]
+    qemu = os.path.join(ROOT, configs.QEMU_BINARIES[cfg.qemu])
+    work = "/tmp/kvm-l2"
+    os.makedirs(work, exist_ok=True)
+    trace = os.path.join(work, "l2.trace")
+    image = os.path.join(work, "l2.img")
+    with open(image, "wb") as f:
+        f.truncate(2 * a.size_mib * MiB)
+    args = cfg.qemu_args("native", image)
+    i = args.index("-blockdev") + 1     # tmpfs: no O_DIRECT, so no aio=native
+    args[i] = f"node-name=disk0,driver=file,filename={image},cache.direct=off,aio=threads"
+    for e in TRACE_EVENTS:          # each -trace sets the file again (None: stderr)
+        args += ["-trace", f"enable={e},file={trace}"]
+    marks = {}
+
+    def on_sync(tag, machine):
+        marks[tag] = os.path.getsize(trace) if os.path.exists(trace) else 0
+
+    g = vm.Guest(qemu, l2_job(f"{a.size_mib}M"), work, "l2", args, accel="kvm",
+                 timeout=a.l2_timeout)
+    r = g.run(on_sync=on_sync)
+    print("L2:", shlex.join(r.cmdline), flush=True)
+    print("L2:", r.describe(), flush=True)
+    res = dict(describe=r.describe(), ok=r.ok, accel=r.accel, ended=r.ended, status=r.status,
+               qemu_rc=r.qemu_rc, timed_out=r.timed_out, elapsed=r.elapsed, sections=r.sections,
+               rcs=r.rcs, logs=r.logs, marks=marks, size=a.size_mib * MiB, cmdline=r.cmdline)
+    for f in os.listdir(work):
+        if f != "l2.img" and os.path.isfile(os.path.join(work, f)):
+            shutil.copy(os.path.join(work, f), os.path.join(a.share, f))
+    with open(os.path.join(a.share, "l2-result.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    return 0
+
+
+# ------------------------------------------------------------------ L0 (here)
+def l1_job(a):
+    inner = ["/usr/bin/python3", os.path.abspath(__file__), "--inside", "--share", SHARE,
+             "--config", a.config, "--size-mib", str(a.size_mib),
+             "--l2-timeout", str(a.l2_timeout)]
+    return "\n".join([
+        "export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root PYTHONDONTWRITEBYTECODE=1",
+        f"export PYTHONPATH={ROOT}:{ROOT}/build/qemu/python",
+        f"cd {ROOT}",
+        "echo \"L1: $(uname -r), $(nproc) cpus, /dev/kvm: $(ls -l /dev/kvm)\"",
+        "t0=$(date +%s)",
+        shlex.join(inner),
+        "rc=$?",
+        "echo \"L1: inside job rc=$rc in $(( $(date +%s) - t0 ))s\"",
+        "exit $rc"]) + "\n"
+
+
+def boot_l1(a, qemu):
+    for f in ("vmlinuz", "initramfs.cpio.gz"):
+        if not os.path.exists(os.path.join(L1_DIR, f)):
+            raise SystemExit(f"{L1_DIR}/{f} missing: run guest/mkl1.py (make check-kvm does)")
+    shutil.rmtree(SHARE, ignore_errors=True)
+    os.makedirs(SHARE)
+    with open(os.path.join(SHARE, "l1-job.sh"), "w") as f:
+        f.write(l1_job(a))
+    console = os.path.join(WORK, "l1.console.log")
+    cmd = [qemu, "-name", "nvdp-kvm-l1", "-machine", "q35", "-accel", "tcg,thread=multi",
+           "-cpu", a.l1_cpu, "-smp", "2", "-m", "4G", "-nodefaults", "-no-user-config",
+           "-no-reboot", "-display", "none"]
+    cmd += [x for d in vm.FIRMWARE_DIRS if os.path.isdir(d) for x in ("-L", d)]
+    cmd += ["-kernel", os.path.join(L1_DIR, "vmlinuz"),
+            "-initrd", os.path.join(L1_DIR, "initramfs.cpio.gz"),
+            "-append", f"console=ttyS0 panic=-1 nvdp.share={SHARE}",
+            "-serial", f"file:{console}",
+            "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,"
+                       "multidevs=remap",
+            "-virtfs", f"local,path={SHARE},mount_tag=results,security_model=none,"
+                       "multidevs=remap"]
+    with open(os.path.join(WORK, "l1.cmd"), "w") as f:
+        f.write(shlex.join(cmd) + "\n")
+    print(f"# L1: {shlex.join(cmd)}", flush=True)
+    with open(vm.LOCK, "a") as lock, open(os.path.join(WORK, "l1.log"), "w") as log:
+        fcntl.flock(lock, fcntl.LOCK_EX)     # one heavy VM at a time (nvdp.vm)
+        t0 = time.monotonic()
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            rc = p.wait(timeout=a.timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            p.kill()
+            rc = p.wait()
+            timed_out = True
+        return rc, timed_out, time.monotonic() - t0
+
+
+def read(name):
+    try:
+        return open(os.path.join(SHARE, name), errors="replace").read()
+    except OSError:
+        return None
+
+
+def tail(text, n=12):
+    return "\n".join((text or "").splitlines()[-n:])
+
+
+def nvme_io_irqs(text):
+    """Sum of the nvme I/O queue interrupts (nvme0q1...) of a /proc/interrupts."""
+    n = 0
+    for ln in text.splitlines():
+        f = ln.split()
+        if f and re.fullmatch(r"nvme0q[1-9]\d*", f[-1]):
+            n += sum(int(x) for x in f[1:] if x.isdigit())
+    return n
+
+
+def check(t, a, rc, timed_out, elapsed):
+    console = open(os.path.join(WORK, "l1.console.log"), errors="replace").read() \
+        if os.path.exists(os.path.join(WORK, "l1.console.log")) else ""
+    print(f"# L1: qemu rc={rc} timed_out={timed_out} elapsed={elapsed:.0f}s", flush=True)
+    status = read("l1-status")
+    if status is None:
+        t.ok(False, "L1 boots and mounts the 9p shares",
+             f"rc={rc} timed_out={timed_out}\n{tail(console)}\n{tail(read('l1.log') or '')}")
+        return
+    dmesg = read("l1-dmesg.txt") or ""
+    kvm_lines = [ln for ln in dmesg.splitlines()
+                 if re.search(r"\b(kvm|SVM|VMX|ccp)\b", ln) and "command line" not in ln.lower()]
+    for ln in kvm_lines:
+        print(f"# L1 dmesg: {ln}", flush=True)
+    if "kvm yes" not in status:
+        l1 = [ln.split("nvdp-l1: ", 1)[1] for ln in console.splitlines() if "nvdp-l1: " in ln]
+        t.skip("KVM in L1", "L1 has no /dev/kvm: " + "; ".join(
+            (l1[:1] or ["L1 said nothing"]) + (kvm_lines[-4:] or ["no kvm lines in its dmesg"])))
+        return
+    nested = "Nested Virtualization enabled" in dmesg
+    npt = "Nested Paging enabled" in dmesg
+    t.ok(nested and npt, "L1 (TCG, -cpu max) has /dev/kvm with nested virtualization and "
+         "nested paging", "\n".join(kvm_lines[-6:]))
+    res = None
+    try:
+        res = json.loads(read("l2-result.json") or "null")
+    except ValueError:
+        pass
+    joblog = read("l1-job.log") or ""
+    for ln in joblog.splitlines():
+        if ln.startswith(("L1:", "L2:")):
+            print(f"# {ln[:400]}", flush=True)
+    if not res:
+        t.ok(False, "L2 boots under KVM in L1", f"no l2-result.json; l1-status={status.split()}"
+             f"\n{tail(joblog)}\n{tail(console)}")
+        return
+    S, RC = res["sections"], res["rcs"]
+    t.ok(res["accel"] == "kvm" and res["ended"] and res["status"] == 0
+         and RC.get("cpus") == 0 and S.get("cpus", "").strip() == "0-1",
+         f"L2 ({a.config}) boots under KVM with 2 vCPUs and its job ends",
+         f"{res['describe']} cpus={S.get('cpus', '').strip()}\n" + "\n".join(res["logs"])
+         + "\n" + tail(read("l2.console.log")))
+    trace = read("l2.trace") or ""
+    lines = trace.splitlines()
+    init = [ln for ln in lines if "pci_nvme_irq_eventfd_init" in ln]
+    t.ok(any("kvm-irqfd" in ln for ln in init),
+         "pci_nvme_irq_eventfd_init ... kvm-irqfd (I/O CQ interrupts through KVM irqfds)",
+         f"{init or 'no pci_nvme_irq_eventfd_init in ' + str(len(lines)) + ' trace lines'}")
+    attached = [ln for ln in lines if "pci_nvme_irq_vector_irqfd" in ln and "attached 1" in ln]
+    errs = [ln for ln in lines if "pci_nvme_err_irq" in ln]
+    signalled = sum("pci_nvme_irq_eventfd " in ln for ln in lines)
+    notified = sum("pci_nvme_irq_vector_notify" in ln for ln in lines)
+    print(f"# trace: {len(lines)} lines, {len(attached)} irqfd attaches, {signalled} eventfd "
+          f"signals, {notified} handled by the main loop, {len(errs)} errors", flush=True)
+    irqs = nvme_io_irqs(S.get("irq1", "")) - nvme_io_irqs(S.get("irq0", ""))
+    print(f"# L2: {irqs} nvme I/O queue interrupts during fio (/proc/interrupts nvme0q1..)",
+          flush=True)
+    t.ok(attached and signalled and irqs > 0 and not errs,
+         "I/O CQ vectors get KVM irqfds attached, are signalled through them and L2 takes "
+         "the interrupts, no irq errors",
+         f"attached={len(attached)} signalled={signalled} guest irqs={irqs} errors={errs[:5]}")
+    size = res["size"]
+    f = fio.parse(S.get("fio") or "")
+    try:
+        frc = int(S.get("fio.rc", "").strip())
+    except ValueError:
+        frc = None
+    d = "no fio output" if f is None else \
+        f"rc={frc} error={f['error']} written={f['write_bytes']} read={f['read_bytes']} " \
+        f"expected={size} each, {f['iops']:.0f} IOPS"
+    print(f"# fio: {d}", flush=True)
+    t.ok(f is not None and frc == 0 and f["error"] == 0 and f["write_bytes"] == size
+         and f["read_bytes"] == size,
+         f"fio verify=crc32c randwrite QD 16, {size // MiB} MiB, under cpu1 offline/online: clean",
+         d)
+    try:
+        ncyc, nbad = (int(x) for x in S.get("cycles", "").split())
+    except ValueError:
+        ncyc = nbad = None
+    m = res["marks"]
+    b, e = m.get("cycles-begin"), m.get("cycles-end")
+    window = trace.encode()[b:e].decode(errors="replace").splitlines() if b is not None \
+        and e is not None else []
+    upd = {ev: sum(ev + " " in ln or ln.endswith(ev) for ln in window) for ev in UPDATE_EVENTS}
+    print(f"# cycles: {ncyc} offline/online ({nbad} failed); during them: "
+          + ", ".join(f"{k} {v}" for k, v in upd.items()), flush=True)
+    t.ok(ncyc is not None and ncyc >= 3 and nbad == 0,
+         "cpu1 offline/online every ~100 ms in L2 during the I/O", f"cycles={ncyc} failed={nbad}")
+    t.ok(sum(upd.values()) >= 1,
+         "MSI route / irqfd updates of nvme vectors while cpu1 goes offline/online",
+         f"trace window {b}..{e} bytes, {len(window)} lines: {upd}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="nvme-iothread")
+    ap.add_argument("--size-mib", type=int, default=32)
+    ap.add_argument("--timeout", type=int, default=300, help="L1's limit in seconds")
+    ap.add_argument("--l2-timeout", type=int, default=200)
+    ap.add_argument("--l1-cpu", default="max",
+                    help="L1's -cpu (default max; max,-svm checks the SKIP path)")
+    ap.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--share", default=SHARE, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.inside:
+        sys.exit(inside(a))
+    t = Tap("kvm")
+    cfg = configs.BY_NAME.get(a.config)
+    qemu = os.path.join(ROOT, configs.QEMU_BINARIES["patched"])
+    if cfg is None or cfg.kind != "nvme":
+        t.ok(False, f"configuration {a.config} exists and is an nvme one")
+    elif not os.access(qemu, os.X_OK):
+        t.ok(False, f"{qemu} exists", "build QEMU first (make)")
+    elif cfg.missing_props(vm.device_help(qemu, "nvme")):
+        t.skip(f"{a.config}: all", f"nvme has no property "
+               f"{', '.join(cfg.missing_props(vm.device_help(qemu, 'nvme')))}")
+    else:
+        os.makedirs(WORK, exist_ok=True)
+        rc, timed_out, elapsed = boot_l1(a, qemu)
+        check(t, a, rc, timed_out, elapsed)
+        print(f"# total {elapsed:.0f}s; files in {os.path.relpath(WORK, ROOT)}/", flush=True)
+    if t.skipped and not t.passed and not t.failed:
+        print(f"1..{t.n}\nkvm: SKIP (nothing ran: see the # SKIP line)")
+        sys.exit(0)
+    sys.exit(t.done())
+
+
+if __name__ == "__main__":
+    main()
