@@ -81,9 +81,10 @@ distclean:
 #                       CONFIGS=a,b picks nvme configurations
 #   make check-kvm      the KVM path (irqfds) for real, nested: an L1 guest
 #                       under TCG (-cpu max: SVM) runs this QEMU with
-#                       -accel kvm on the guest (nvme-iothread), fio verify
+#                       -accel kvm on the guest (nvme-iothread, -poll,
+#                       main-loop irqfd, one shared vector), fio verify
 #                       while cpu1 goes offline/online; TAP, SKIP without
-#                       KVM in L1 (~3 min; build/kvm-l1, build/kvm-check)
+#                       KVM in L1 (~8 min; build/kvm-l1, build/kvm-check)
 # (python3 -m nvdp.bench --help: more knobs; with NVDP_ENV's PYTHONPATH)
 STOCK := build/stock
 HEAVY_LOCK := /tmp/nvdp-heavy.lock

@@ -12,31 +12,48 @@ This machine has no usable /dev/kvm, so the test brings its own KVM host:
              at the same path), chroots into the root and runs this script
              with --inside: the SAME QEMU binary, python and harness;
   L2         the project's guest (build/guest) booted by nvdp.vm.Guest
-             with -accel kvm -cpu host and the configuration nvme-iothread
-             of nvdp/configs.py (IOThread, ioeventfd=on, irq-eventfd on).
-             In L2: fio randwrite verify=crc32c at QD 16 while cpu1 goes
-             offline and online again every ~100 ms.
+             with -accel kvm -cpu host, once per case of CASES below (one
+             L1 boot, the L2 runs one after the other inside it): the
+             configurations with irq-eventfd on of nvdp/configs.py
+             (nvme-iothread, nvme-iothread-poll, nvme-irqfd: main loop,
+             ioeventfd=on,irq-eventfd=on) and nvme-iothread with a single
+             MSI-X vector (msix_qsize=1: Linux then puts the admin CQ and
+             its one I/O CQ on vector 0; with fewer vectors than CPUs it
+             makes fewer I/O queues, it never puts two I/O CQs on one
+             vector).  In L2: fio randwrite verify=crc32c at QD 16 while
+             cpu1 goes offline and online again every ~100 ms.
 
-QEMU's trace of L2's QEMU (pci_nvme_irq*, pci_nvme_err_irq*,
-kvm_irqchip_*) and everything else lands in the share; then, here:
+QEMU's trace of each L2 QEMU (pci_nvme_irq*, pci_nvme_err_irq*,
+kvm_irqchip_*) and everything else lands in the share (one folder per
+case); then, here, per case:
   - L1 has /dev/kvm, nested virtualization and nested paging (otherwise the
-    whole test is reported as SKIP, with the reason);
+    whole test is reported as SKIP, with the reason; checked once);
   - L2 boots under KVM and its job ends;
   - pci_nvme_irq_eventfd_init says "kvm-irqfd", I/O CQ vectors get KVM
-    irqfds attached, and no pci_nvme_err_irq_vector;
+    irqfds attached, L2 takes the interrupts, no pci_nvme_err_irq_vector,
+    and KVM delivered them: at most 10 % of the eventfd signals were
+    handled by the main loop instead (pci_nvme_irq_vector_notify: a vector
+    masked or detached at the time);
   - fio's verify is clean (exact bytes written and read back, no error);
   - the offline/online cycles ran, and QEMU updated the vectors' MSI routes
     or irqfds (pci_nvme_irq_vector_route/_irqfd, kvm_irqchip_update_msi_route,
-    kvm_irqchip_commit_routes) while they did.
+    kvm_irqchip_commit_routes) while they did;
+  - shared vector (case nvme-iothread-1vec): in L2's /proc/interrupts an
+    nvme I/O queue shares its interrupt with another nvme queue, and the
+    trace has that vector (0) used by an I/O CQ with its irqfd attached and
+    raised directly (admin CQ).  Its interrupt is not a managed one: the job
+    moves it to cpu1 before each offline, so that every cycle migrates it.
 Output: TAP (nvdp/tap.py), "kvm: N passed, N failed".  Files: build/kvm-check/.
 
 L2's disk image is a file on L1's tmpfs, opened buffered with aio=threads
 (tmpfs has no O_DIRECT; the configuration's own cache.direct=on,aio=native
 on the 9p share instead managed ~20 I/Os per second here and timed out).
 
-Options: --config NAME (default nvme-iothread), --size-mib N (fio's region,
-default 32), --timeout S
-(for L1, default 300), --l1-cpu MODEL (L1's -cpu, default max; "max,-svm"
+Options: --cases A,B (names of CASES, or of nvme configurations of
+nvdp/configs.py; default: all of CASES; --config NAME: one), --size-mib N
+(fio's region per case, default 16), --l2-timeout S (per case, default
+200), --timeout S (for L1, default 60 + (L2's + 30) per case),
+--l1-cpu MODEL (L1's -cpu, default max; "max,-svm"
 shows the SKIP path).  Run from the repository root with
 PYTHONPATH=.:build/qemu/python (the Makefile sets it); build/kvm-l1 must be
 built (guest/mkl1.py; the Makefile does it).
@@ -66,10 +83,42 @@ UPDATE_EVENTS = ("pci_nvme_irq_vector_route", "pci_nvme_irq_vector_irqfd",
                  "kvm_irqchip_update_msi_route", "kvm_irqchip_commit_routes",
                  "kvm_irqchip_add_msi_route")
 CPU1 = "/sys/devices/system/cpu/cpu1/online"
+# the L2 runs: name -> (configuration of nvdp/configs.py, device properties
+# added for this run, what it is about); all with irq-eventfd on
+CASES = {
+    "nvme-iothread": ("nvme-iothread", "", "I/O CQs raised from the IOThread"),
+    "nvme-iothread-poll": ("nvme-iothread-poll", "", "the same, IOThread polling"),
+    "nvme-irqfd": ("nvme-irqfd", "", "main loop, ioeventfd=on,irq-eventfd=on"),
+    "nvme-iothread-1vec": ("nvme-iothread", "msix_qsize=1",
+                           "one MSI-X vector: admin CQ and I/O CQ share vector 0"),
+}
+SHARED = {"nvme-iothread-1vec"}     # cases that must show a shared vector
+
+
+def case(name):
+    """(configuration, extra props, description) of a case or configuration name."""
+    if name in CASES:
+        return CASES[name]
+    return (name, "", "") if name in configs.BY_NAME else None
+
+
+def device_args(name, image):
+    """L2's QEMU arguments of a case, with its disk on L1's tmpfs."""
+    cname, extra, _ = case(name)
+    args = configs.BY_NAME[cname].qemu_args("native", image)
+    i = args.index("-blockdev") + 1     # tmpfs: no O_DIRECT, so no aio=native
+    args[i] = f"node-name=disk0,driver=file,filename={image},cache.direct=off,aio=threads"
+    if extra:
+        args[args.index("-device") + 1] += "," + extra
+    return args
 
 
 # ------------------------------------------------------------------ L2 (run in L1)
-def l2_job(size):
+def l2_job(size, pin=False):
+    """L2's job.  pin: before each offline, move the nvme interrupts that can
+    be moved (not the managed per-CPU ones: EIO) to cpu1, so that the offline
+    migrates them every cycle (an unmanaged shared vector otherwise moves at
+    most once)."""
     f = fio.cmdline("v16", "/dev/nvme0n1", "randwrite", 16, size=size, verify="crc32c",
                     do_verify=1, verify_fatal=1, randrepeat=0)
     return "\n".join(fio.wait_dev("/dev/nvme0n1") + [
@@ -80,7 +129,12 @@ def l2_job(size):
         "nvdp_sync cycles-begin",
         # cpu1 offline and online again every ~100 ms while fio runs
         "n=0; bad=0",
+        "irqs=$(grep nvme0q /proc/interrupts | cut -d: -f1)",
         "while kill -0 $pid 2>/dev/null; do",
+    ] + ([
+        "  for i in $irqs; do echo 2 >/proc/irq/$i/smp_affinity 2>/dev/null; done",
+        "  sleep 0.02",
+    ] if pin else []) + [
         f"  if echo 0 >{CPU1}; then sleep 0.05; echo 1 >{CPU1} && n=$((n+1)) || bad=$((bad+1));",
         "  else bad=$((bad+1)); fi",
         "  sleep 0.05",
@@ -98,18 +152,29 @@ def l2_job(size):
 
 
 def inside(a):
-    """In L1's chroot: boot L2 under KVM, leave everything in the share."""
-    cfg = configs.BY_NAME[a.config]
-    qemu = os.path.join(ROOT, configs.QEMU_BINARIES[cfg.qemu])
-    work = "/tmp/kvm-l2"
+    """In L1's chroot: boot L2 under KVM once per case, leave everything in
+    the share (SHARE/CASE/)."""
+    qemu = os.path.join(ROOT, configs.QEMU_BINARIES["patched"])
+    rc = 0
+    for name in a.cases.split(","):
+        try:
+            run_l2(a, qemu, name)
+        except Exception as e:      # report it, go on with the next case
+            print(f"L2 {name}: {type(e).__name__}: {e}", flush=True)
+            rc = 1
+    return rc
+
+
+def run_l2(a, qemu, name):
+    work = os.path.join("/tmp/kvm-l2", name)
+    out = os.path.join(a.share, name)
     os.makedirs(work, exist_ok=True)
+    os.makedirs(out, exist_ok=True)
     trace = os.path.join(work, "l2.trace")
     image = os.path.join(work, "l2.img")
     with open(image, "wb") as f:
         f.truncate(2 * a.size_mib * MiB)
-    args = cfg.qemu_args("native", image)
-    i = args.index("-blockdev") + 1     # tmpfs: no O_DIRECT, so no aio=native
-    args[i] = f"node-name=disk0,driver=file,filename={image},cache.direct=off,aio=threads"
+    args = device_args(name, image)
     for e in TRACE_EVENTS:          # each -trace sets the file again (None: stderr)
         args += ["-trace", f"enable={e},file={trace}"]
     marks = {}
@@ -117,26 +182,26 @@ def inside(a):
     def on_sync(tag, machine):
         marks[tag] = os.path.getsize(trace) if os.path.exists(trace) else 0
 
-    g = vm.Guest(qemu, l2_job(f"{a.size_mib}M"), work, "l2", args, accel="kvm",
+    g = vm.Guest(qemu, l2_job(f"{a.size_mib}M", pin=name in SHARED), work, "l2", args, accel="kvm",
                  timeout=a.l2_timeout)
     r = g.run(on_sync=on_sync)
-    print("L2:", shlex.join(r.cmdline), flush=True)
-    print("L2:", r.describe(), flush=True)
+    os.unlink(image)
+    print(f"L2 {name}:", shlex.join(r.cmdline), flush=True)
+    print(f"L2 {name}:", r.describe(), flush=True)
     res = dict(describe=r.describe(), ok=r.ok, accel=r.accel, ended=r.ended, status=r.status,
                qemu_rc=r.qemu_rc, timed_out=r.timed_out, elapsed=r.elapsed, sections=r.sections,
                rcs=r.rcs, logs=r.logs, marks=marks, size=a.size_mib * MiB, cmdline=r.cmdline)
     for f in os.listdir(work):
-        if f != "l2.img" and os.path.isfile(os.path.join(work, f)):
-            shutil.copy(os.path.join(work, f), os.path.join(a.share, f))
-    with open(os.path.join(a.share, "l2-result.json"), "w") as f:
+        if os.path.isfile(os.path.join(work, f)):
+            shutil.copy(os.path.join(work, f), os.path.join(out, f))
+    with open(os.path.join(out, "l2-result.json"), "w") as f:
         json.dump(res, f, indent=1)
-    return 0
 
 
 # ------------------------------------------------------------------ L0 (here)
 def l1_job(a):
     inner = ["/usr/bin/python3", os.path.abspath(__file__), "--inside", "--share", SHARE,
-             "--config", a.config, "--size-mib", str(a.size_mib),
+             "--cases", a.cases, "--size-mib", str(a.size_mib),
              "--l2-timeout", str(a.l2_timeout)]
     return "\n".join([
         "export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root PYTHONDONTWRITEBYTECODE=1",
@@ -188,15 +253,26 @@ def boot_l1(a, qemu):
         return rc, timed_out, time.monotonic() - t0
 
 
-def read(name):
+def read(name, sub=""):
     try:
-        return open(os.path.join(SHARE, name), errors="replace").read()
+        return open(os.path.join(SHARE, sub, name), errors="replace").read()
     except OSError:
         return None
 
 
 def tail(text, n=12):
     return "\n".join((text or "").splitlines()[-n:])
+
+
+def shared_nvme_irqs(text):
+    """/proc/interrupts lines of one interrupt shared by several nvme queues,
+    one of them an I/O queue (names "nvme0q0, nvme0q1")."""
+    out = []
+    for ln in text.splitlines():
+        q = re.findall(r"nvme0q(\d+)", ln)
+        if len(q) > 1 and any(x != "0" for x in q):
+            out.append(" ".join(ln.split()))
+    return out
 
 
 def nvme_io_irqs(text):
@@ -232,44 +308,82 @@ def check(t, a, rc, timed_out, elapsed):
     npt = "Nested Paging enabled" in dmesg
     t.ok(nested and npt, "L1 (TCG, -cpu max) has /dev/kvm with nested virtualization and "
          "nested paging", "\n".join(kvm_lines[-6:]))
-    res = None
-    try:
-        res = json.loads(read("l2-result.json") or "null")
-    except ValueError:
-        pass
     joblog = read("l1-job.log") or ""
     for ln in joblog.splitlines():
-        if ln.startswith(("L1:", "L2:")):
+        if ln.startswith(("L1:", "L2")):
             print(f"# {ln[:400]}", flush=True)
+    for name in a.cases.split(","):
+        check_case(t, name, status, joblog, console)
+
+
+def check_case(t, name, status, joblog, console):
+    """The TAP cases of one L2 run (files in SHARE/NAME/)."""
+    res = None
+    try:
+        res = json.loads(read("l2-result.json", name) or "null")
+    except ValueError:
+        pass
+    cname, extra, _ = case(name)
+    what = cname + (f" + {extra}" if extra else "")
     if not res:
-        t.ok(False, "L2 boots under KVM in L1", f"no l2-result.json; l1-status={status.split()}"
+        t.ok(False, f"{name}: L2 ({what}) boots under KVM in L1",
+             f"no {name}/l2-result.json; l1-status={status.split()}"
              f"\n{tail(joblog)}\n{tail(console)}")
         return
     S, RC = res["sections"], res["rcs"]
+    queues = re.findall(r"nvme nvme0: (\S+ default/read/poll queues)", S.get("dmesg", ""))
+    print(f"# {name}: L2 {res['describe']}; {', '.join(queues) or 'no queue line in dmesg'}",
+          flush=True)
     t.ok(res["accel"] == "kvm" and res["ended"] and res["status"] == 0
          and RC.get("cpus") == 0 and S.get("cpus", "").strip() == "0-1",
-         f"L2 ({a.config}) boots under KVM with 2 vCPUs and its job ends",
+         f"{name}: L2 ({what}) boots under KVM with 2 vCPUs and its job ends",
          f"{res['describe']} cpus={S.get('cpus', '').strip()}\n" + "\n".join(res["logs"])
-         + "\n" + tail(read("l2.console.log")))
-    trace = read("l2.trace") or ""
+         + "\n" + tail(read("l2.console.log", name)))
+    trace = read("l2.trace", name) or ""
     lines = trace.splitlines()
     init = [ln for ln in lines if "pci_nvme_irq_eventfd_init" in ln]
     t.ok(any("kvm-irqfd" in ln for ln in init),
-         "pci_nvme_irq_eventfd_init ... kvm-irqfd (I/O CQ interrupts through KVM irqfds)",
+         f"{name}: pci_nvme_irq_eventfd_init ... kvm-irqfd (I/O CQ interrupts through KVM "
+         "irqfds)",
          f"{init or 'no pci_nvme_irq_eventfd_init in ' + str(len(lines)) + ' trace lines'}")
     attached = [ln for ln in lines if "pci_nvme_irq_vector_irqfd" in ln and "attached 1" in ln]
     errs = [ln for ln in lines if "pci_nvme_err_irq" in ln]
     signalled = sum("pci_nvme_irq_eventfd " in ln for ln in lines)
     notified = sum("pci_nvme_irq_vector_notify" in ln for ln in lines)
-    print(f"# trace: {len(lines)} lines, {len(attached)} irqfd attaches, {signalled} eventfd "
-          f"signals, {notified} handled by the main loop, {len(errs)} errors", flush=True)
-    irqs = nvme_io_irqs(S.get("irq1", "")) - nvme_io_irqs(S.get("irq0", ""))
-    print(f"# L2: {irqs} nvme I/O queue interrupts during fio (/proc/interrupts nvme0q1..)",
+    print(f"# {name}: trace: {len(lines)} lines, {len(attached)} irqfd attaches, {signalled} "
+          f"eventfd signals, {notified} handled by the main loop, {len(errs)} errors",
           flush=True)
-    t.ok(attached and signalled and irqs > 0 and not errs,
-         "I/O CQ vectors get KVM irqfds attached, are signalled through them and L2 takes "
-         "the interrupts, no irq errors",
-         f"attached={len(attached)} signalled={signalled} guest irqs={irqs} errors={errs[:5]}")
+    irqs = nvme_io_irqs(S.get("irq1", "")) - nvme_io_irqs(S.get("irq0", ""))
+    print(f"# {name}: L2: {irqs} nvme I/O queue interrupts during fio (/proc/interrupts "
+          "nvme0q1..)", flush=True)
+    # the main loop handles an eventfd only while its vector is masked or
+    # detached (cpu1 going offline); KVM delivers the rest
+    t.ok(attached and signalled and irqs > 0 and not errs and notified * 10 <= signalled,
+         f"{name}: I/O CQ vectors get KVM irqfds attached, are signalled through them, KVM "
+         "delivers (main loop <= 10 %) and L2 takes the interrupts, no irq errors",
+         f"attached={len(attached)} signalled={signalled} main-loop={notified} "
+         f"guest irqs={irqs} errors={errs[:5]}")
+    if name in SHARED:
+        # L2: one interrupt for several nvme queues; QEMU: a vector both an
+        # I/O CQ's (irqfd attached) and raised directly (the admin CQ)
+        shared = shared_nvme_irqs(S.get("irq1", ""))
+        vecs = {}
+        for ev, key in (("pci_nvme_irq_vector_use", "io"), ("pci_nvme_irq_msix", "direct"),
+                        ("pci_nvme_irq_vector_irqfd", "irqfd")):
+            vecs[key] = {int(x) for x in re.findall(
+                rf"^{ev} .*?vector (\d+)" + (r" .*attached 1$" if key == "irqfd" else ""),
+                trace, re.M)}
+        both = vecs["io"] & vecs["direct"] & vecs["irqfd"]
+        for ln in shared:
+            print(f"# {name}: L2 /proc/interrupts: {ln}", flush=True)
+        print(f"# {name}: vectors of I/O CQs {sorted(vecs['io'])}, with irqfd attached "
+              f"{sorted(vecs['irqfd'])}, raised directly (admin CQ) {sorted(vecs['direct'])}",
+              flush=True)
+        t.ok(bool(shared and both),
+             f"{name}: L2 shares one interrupt between nvme queues (/proc/interrupts), QEMU "
+             f"signals that vector through an I/O CQ's irqfd and directly",
+             f"shared lines={shared} vectors={vecs}\n"
+             + "\n".join(ln for ln in S.get("irq1", "").splitlines() if "nvme" in ln))
     size = res["size"]
     f = fio.parse(S.get("fio") or "")
     try:
@@ -279,11 +393,11 @@ def check(t, a, rc, timed_out, elapsed):
     d = "no fio output" if f is None else \
         f"rc={frc} error={f['error']} written={f['write_bytes']} read={f['read_bytes']} " \
         f"expected={size} each, {f['iops']:.0f} IOPS"
-    print(f"# fio: {d}", flush=True)
+    print(f"# {name}: fio: {d}", flush=True)
     t.ok(f is not None and frc == 0 and f["error"] == 0 and f["write_bytes"] == size
          and f["read_bytes"] == size,
-         f"fio verify=crc32c randwrite QD 16, {size // MiB} MiB, under cpu1 offline/online: clean",
-         d)
+         f"{name}: fio verify=crc32c randwrite QD 16, {size // MiB} MiB, under cpu1 "
+         "offline/online: clean", d)
     try:
         ncyc, nbad = (int(x) for x in S.get("cycles", "").split())
     except ValueError:
@@ -293,43 +407,61 @@ def check(t, a, rc, timed_out, elapsed):
     window = trace.encode()[b:e].decode(errors="replace").splitlines() if b is not None \
         and e is not None else []
     upd = {ev: sum(ev + " " in ln or ln.endswith(ev) for ln in window) for ev in UPDATE_EVENTS}
-    print(f"# cycles: {ncyc} offline/online ({nbad} failed); during them: "
+    print(f"# {name}: cycles: {ncyc} offline/online ({nbad} failed); during them: "
           + ", ".join(f"{k} {v}" for k, v in upd.items()), flush=True)
     t.ok(ncyc is not None and ncyc >= 3 and nbad == 0,
-         "cpu1 offline/online every ~100 ms in L2 during the I/O", f"cycles={ncyc} failed={nbad}")
+         f"{name}: cpu1 offline/online every ~100 ms in L2 during the I/O",
+         f"cycles={ncyc} failed={nbad}")
     t.ok(sum(upd.values()) >= 1,
-         "MSI route / irqfd updates of nvme vectors while cpu1 goes offline/online",
+         f"{name}: MSI route / irqfd updates of nvme vectors while cpu1 goes offline/online",
          f"trace window {b}..{e} bytes, {len(window)} lines: {upd}")
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="nvme-iothread")
-    ap.add_argument("--size-mib", type=int, default=32)
-    ap.add_argument("--timeout", type=int, default=300, help="L1's limit in seconds")
-    ap.add_argument("--l2-timeout", type=int, default=200)
+    ap.add_argument("--cases", default=",".join(CASES),
+                    help=f"comma-separated: of {', '.join(CASES)} or nvme configurations of "
+                         "nvdp/configs.py (default: all cases)")
+    ap.add_argument("--config", help="one nvme configuration (same as --cases NAME)")
+    ap.add_argument("--size-mib", type=int, default=16, help="fio's region per case")
+    ap.add_argument("--timeout", type=int, help="L1's limit in seconds "
+                    "(default 60 + (L2's + 30) per case)")
+    ap.add_argument("--l2-timeout", type=int, default=200, help="per case")
     ap.add_argument("--l1-cpu", default="max",
                     help="L1's -cpu (default max; max,-svm checks the SKIP path)")
     ap.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--share", default=SHARE, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.config:
+        a.cases = a.config
     if a.inside:
         sys.exit(inside(a))
+    names = a.cases.split(",")
+    if a.timeout is None:
+        a.timeout = 60 + (a.l2_timeout + 30) * len(names)
     t = Tap("kvm")
-    cfg = configs.BY_NAME.get(a.config)
     qemu = os.path.join(ROOT, configs.QEMU_BINARIES["patched"])
-    if cfg is None or cfg.kind != "nvme":
-        t.ok(False, f"configuration {a.config} exists and is an nvme one")
+    bad = [n for n in names if case(n) is None or configs.BY_NAME[case(n)[0]].kind != "nvme"
+           or configs.BY_NAME[case(n)[0]].qemu != "patched"]
+    if bad:
+        t.ok(False, f"cases {', '.join(bad)} exist and are nvme ones on the patched QEMU",
+             f"cases: {', '.join(CASES)}, or an nvme configuration of nvdp/configs.py")
     elif not os.access(qemu, os.X_OK):
         t.ok(False, f"{qemu} exists", "build QEMU first (make)")
-    elif cfg.missing_props(vm.device_help(qemu, "nvme")):
-        t.skip(f"{a.config}: all", f"nvme has no property "
-               f"{', '.join(cfg.missing_props(vm.device_help(qemu, 'nvme')))}")
     else:
-        os.makedirs(WORK, exist_ok=True)
-        rc, timed_out, elapsed = boot_l1(a, qemu)
-        check(t, a, rc, timed_out, elapsed)
-        print(f"# total {elapsed:.0f}s; files in {os.path.relpath(WORK, ROOT)}/", flush=True)
+        have = vm.device_help(qemu, "nvme")
+        missing = {n: [k for k in configs.props_dict(
+            ",".join(filter(None, [configs.BY_NAME[case(n)[0]].props, case(n)[1]])))
+            if k not in have] for n in names}
+        for n in [n for n in names if missing[n]]:
+            t.skip(f"{n}: all", f"nvme has no property {', '.join(missing[n])}")
+        a.cases = ",".join(n for n in names if not missing[n])
+        if a.cases:
+            os.makedirs(WORK, exist_ok=True)
+            rc, timed_out, elapsed = boot_l1(a, qemu)
+            check(t, a, rc, timed_out, elapsed)
+            print(f"# total {elapsed:.0f}s; files in {os.path.relpath(WORK, ROOT)}/",
+                  flush=True)
     if t.skipped and not t.passed and not t.failed:
         print(f"1..{t.n}\nkvm: SKIP (nothing ran: see the # SKIP line)")
         sys.exit(0)
