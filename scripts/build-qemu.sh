@@ -46,7 +46,8 @@ fi
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(qemu-system-x86_64 qemu-img)
 echo "build-qemu: ninja ${targets[*]}"
-ninja -C "$bdir" -j"$(nproc)" "${targets[@]}" | grep -v -e '^\[[0-9]*/[0-9]*\] ' || true
+# (the status of ninja, not of the filter: PIPESTATUS right after the pipe)
+ninja -C "$bdir" -j"$(nproc)" "${targets[@]}" | { grep -v -e '^\[[0-9]*/[0-9]*\] ' || true; }
 test "${PIPESTATUS[0]}" = 0
 
 # A QEMU run from its build directory looks for firmware under qemu-bundle/

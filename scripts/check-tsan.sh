@@ -26,7 +26,8 @@ rm -rf "$out"
 mkdir -p "$out"
 supp=$out/suppressions.tsan
 cat "$tree/tests/tsan/suppressions.tsan" "$top/tests/tsan/nvme.tsan" >"$supp"
-export TSAN_OPTIONS="suppressions=$supp detect_deadlocks=false history_size=7 exitcode=0 log_path=$out/tsan"
+# die_after_fork=0: the qtest forks QEMU (libqtest), which then execs
+export TSAN_OPTIONS="suppressions=$supp detect_deadlocks=false history_size=7 exitcode=0 die_after_fork=0 log_path=$out/tsan"
 export QTEST_QEMU_BINARY=$bdir/qemu-system-x86_64
 
 pass=0 fail=0
