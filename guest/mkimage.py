@@ -419,20 +419,7 @@ def build(out, debs, kernel_pkg):
     for f in FIRMWARE:
         shutil.copy2(os.path.join(qd, "usr/share/qemu", f), os.path.join(fw, f))
 
-    # initramfs
-    tmp = os.path.join(out, "initramfs.cpio.gz.new")
-    files = run(["find", ".", "-mindepth", "1"], cwd=root).stdout.split("\n")
-    files = sorted(f for f in files if f)
-    with open(tmp, "wb") as o:
-        cp = subprocess.Popen(["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0"],
-                              cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        gz = subprocess.Popen(["gzip", "-1", "-n"], stdin=cp.stdout, stdout=o)
-        cp.stdout.close()
-        cp.stdin.write(("\n".join(files) + "\n").encode())
-        cp.stdin.close()
-        if cp.wait() != 0 or gz.wait() != 0:
-            die("cpio | gzip failed")
-    os.replace(tmp, os.path.join(out, "initramfs.cpio.gz"))
+    write_initramfs(root, out)
     shutil.copy2(os.path.join(k, "boot", f"vmlinuz-{kver}"), os.path.join(out, "vmlinuz"))
     shutil.rmtree(os.path.join(out, "root"), ignore_errors=True)
     os.replace(root, os.path.join(out, "root"))
@@ -451,6 +438,22 @@ def input_hash(pkgs):
         h.update(f"{p}={v}\n".encode())
     return h.hexdigest()
 
+
+def write_initramfs(root, out):
+    """OUT/initramfs.cpio.gz from the tree ROOT (sorted, owned by root)."""
+    tmp = os.path.join(out, "initramfs.cpio.gz.new")
+    files = run(["find", ".", "-mindepth", "1"], cwd=root).stdout.split("\n")
+    files = sorted(f for f in files if f)
+    with open(tmp, "wb") as o:
+        cp = subprocess.Popen(["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0"],
+                              cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        gz = subprocess.Popen(["gzip", "-1", "-n"], stdin=cp.stdout, stdout=o)
+        cp.stdout.close()
+        cp.stdin.write(("\n".join(files) + "\n").encode())
+        cp.stdin.close()
+        if cp.wait() != 0 or gz.wait() != 0:
+            die("cpio | gzip failed")
+    os.replace(tmp, os.path.join(out, "initramfs.cpio.gz"))
 
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else "build/guest"

@@ -130,18 +130,7 @@ def build(out, debs, kernel_pkg):
     for pkg in ["busybox-static", kernel_pkg]:
         manifest["packages"][pkg] = debs.extracted[pkg][0]
     manifest["kernel_version"] = kver
-    tmp = os.path.join(out, "initramfs.cpio.gz.new")
-    files = sorted(f for f in mk.run(["find", ".", "-mindepth", "1"], cwd=root).stdout.split("\n") if f)
-    with open(tmp, "wb") as o:
-        cp = subprocess.Popen(["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0"],
-                              cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        gz = subprocess.Popen(["gzip", "-1", "-n"], stdin=cp.stdout, stdout=o)
-        cp.stdout.close()
-        cp.stdin.write(("\n".join(files) + "\n").encode())
-        cp.stdin.close()
-        if cp.wait() != 0 or gz.wait() != 0:
-            mk.die("cpio | gzip failed")
-    os.replace(tmp, os.path.join(out, "initramfs.cpio.gz"))
+    mk.write_initramfs(root, out)
     shutil.copy2(os.path.join(k, "boot", f"vmlinuz-{kver}"), os.path.join(out, "vmlinuz"))
     shutil.rmtree(os.path.join(out, "root"), ignore_errors=True)
     os.replace(root, os.path.join(out, "root"))
