@@ -79,6 +79,11 @@ distclean:
 #                       CONFIGS=a,b picks configurations; PASSES=n
 #   make check-guest    guest tests (fio verify, nvme-cli, reset), TAP;
 #                       CONFIGS=a,b picks nvme configurations
+#   make cost           the per-I/O cost meter: the same qtest workload on
+#                       nvme and virtio-blk configurations, instructions
+#                       (callgrind), syscalls (strace), doorbells and
+#                       interrupts per I/O (build/cost/results.md);
+#                       CONFIGS=a,b picks configurations (~25 min)
 #   make check-kvm      the KVM path (irqfds) for real, nested: an L1 guest
 #                       under TCG (-cpu max: SVM) runs this QEMU with
 #                       -accel kvm on the guest (nvme-iothread, -poll,
@@ -88,7 +93,7 @@ distclean:
 # (python3 -m nvdp.bench --help: more knobs; with NVDP_ENV's PYTHONPATH)
 STOCK := build/stock
 HEAVY_LOCK := /tmp/nvdp-heavy.lock
-.PHONY: guest stock bench check-guest check-kvm
+.PHONY: guest stock bench check-guest check-kvm cost
 
 guest:
 	@guest/mkimage.sh build/guest
@@ -105,6 +110,10 @@ $(STOCK)/build/qemu-system-x86_64:
 bench: guest stock
 	@$(NVDP_ENV) /usr/bin/python3 -m nvdp.bench $(if $(FULL),--full) \
 	    $(if $(CONFIGS),--configs $(CONFIGS)) $(if $(PASSES),--passes $(PASSES))
+
+cost: qemu stock
+	@flock $(HEAVY_LOCK) env $(NVDP_ENV) /usr/bin/python3 -m nvdp.cost \
+	    $(if $(CONFIGS),--configs $(CONFIGS))
 
 check-guest: guest
 	@$(NVDP_ENV) /usr/bin/python3 tests/guest/run.py $(if $(CONFIGS),--configs $(CONFIGS))

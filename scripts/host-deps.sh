@@ -21,6 +21,8 @@ DEPS=(
     ccache seabios ipxe-qemu
     # guest image and benchmark harness
     cpio gzip python3 gnuplot-nox
+    # the cost meter (make cost)
+    valgrind strace
 )
 
 log() { echo "host-deps: $*"; }
