@@ -90,10 +90,12 @@ distclean:
 #                       main-loop irqfd, one shared vector), fio verify
 #                       while cpu1 goes offline/online; TAP, SKIP without
 #                       KVM in L1 (~8 min; build/kvm-l1, build/kvm-check)
+#   make kvm-count      doorbell exits, MSI injections and interrupts per
+#                       I/O under that nested KVM (build/kvm-check/counts.md)
 # (python3 -m nvdp.bench --help: more knobs; with NVDP_ENV's PYTHONPATH)
 STOCK := build/stock
 HEAVY_LOCK := /tmp/nvdp-heavy.lock
-.PHONY: guest stock bench check-guest check-kvm cost
+.PHONY: guest stock bench check-guest check-kvm kvm-count cost
 
 guest:
 	@guest/mkimage.sh build/guest
@@ -123,3 +125,9 @@ check-guest: guest
 check-kvm: guest
 	@/usr/bin/python3 guest/mkl1.py build/kvm-l1
 	@$(NVDP_ENV) /usr/bin/python3 tests/kvm/run.py
+
+# exits, injections and interrupts per I/O under (nested) KVM for the bench
+# configurations (tests/kvm/run.py --count; build/kvm-check/counts.md)
+kvm-count: guest
+	@/usr/bin/python3 guest/mkl1.py build/kvm-l1
+	@$(NVDP_ENV) /usr/bin/python3 tests/kvm/run.py --count

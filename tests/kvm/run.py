@@ -49,6 +49,18 @@ L2's disk image is a file on L1's tmpfs, opened buffered with aio=threads
 (tmpfs has no O_DIRECT; the configuration's own cache.direct=on,aio=native
 on the 9p share instead managed ~20 I/Os per second here and timed out).
 
+--count measures instead of testing: per I/O under KVM, for the bench
+configurations of COUNT_CONFIGS (nvme, nvme-iothread, nvme-iothread-poll,
+virtio-blk-iothread), fio 4k randread at QD 1 and QD 16 in L2 while L1's
+tracefs records kvm:kvm_mmio and kvm:kvm_fast_mmio (kept when the address
+lies in one of the disk's BARs: its doorbell or notify writes, each a VM
+exit), kvm:kvm_userspace_exit (MMIO exits that went on to QEMU's vCPU
+thread, any device) and kvm:kvm_msi_set_irq (MSI injections: irqfd or
+QEMU), switched on and off by the guest's sync points around fio; L2's own
+count of its disk interrupts (/proc/interrupts).  Output: a table (markdown,
+build/kvm-check/counts.md) and TAP lines that only check that every run
+happened.
+
 Options: --cases A,B (names of CASES, or of nvme configurations of
 nvdp/configs.py; default: all of CASES; --config NAME: one), --size-mib N
 (fio's region per case, default 16), --l2-timeout S (per case, default
@@ -158,7 +170,7 @@ def inside(a):
     rc = 0
     for name in a.cases.split(","):
         try:
-            run_l2(a, qemu, name)
+            (run_count_l2 if a.count else run_l2)(a, qemu, name)
         except Exception as e:      # report it, go on with the next case
             print(f"L2 {name}: {type(e).__name__}: {e}", flush=True)
             rc = 1
@@ -198,11 +210,159 @@ def run_l2(a, qemu, name):
         json.dump(res, f, indent=1)
 
 
+# ------------------------------------------------------------------ counts (--count)
+COUNT_CONFIGS = ["nvme", "nvme-iothread", "nvme-iothread-poll", "virtio-blk-iothread"]
+COUNT_RUNS = [("qd1", 1, 1500), ("qd16", 16, 4000)]    # (tag, iodepth, I/Os)
+KVM_EVENTS = ["kvm/kvm_mmio", "kvm/kvm_fast_mmio", "kvm/kvm_userspace_exit",
+              "kvm/kvm_msi_set_irq"]
+TRACEFS = "/sys/kernel/tracing"
+
+
+def count_job(cfg):
+    dev = cfg.guest_dev
+    return "\n".join(fio.wait_dev(dev) + [
+        f"nvdp_fio {tag} " + fio.cmdline(tag, dev, "randread", qd, size="64M",
+                                         number_ios=n, randrepeat=0)
+        + " || true" for tag, qd, n in COUNT_RUNS] + ["exit 0"]) + "\n"
+
+
+def tracefs(path, val):
+    with open(os.path.join(TRACEFS, path), "w") as f:
+        f.write(val)
+
+
+def disk_bars(machine, kind):
+    """[(start, end)] of the memory BARs of the L2 disk (query-pci)."""
+    out = []
+    for bus in machine.qmp("query-pci")["return"]:
+        for d in bus["devices"]:
+            ident = (d["id"]["vendor"], d["id"]["device"])
+            if (kind == "nvme" and d["class_info"]["class"] == 0x0108) or \
+                    (kind == "virtio-blk" and ident in ((0x1af4, 0x1001), (0x1af4, 0x1042))):
+                out += [(r["address"], r["address"] + r["size"]) for r in d["regions"]
+                        if r["type"] == "memory"]
+    return out
+
+
+def run_count_l2(a, qemu, name):
+    """In L1: one L2 boot of configuration NAME, kvm trace windows around fio."""
+    cfg = configs.BY_NAME[name]
+    work = os.path.join("/tmp/kvm-l2", name)
+    out = os.path.join(a.share, name)
+    os.makedirs(work, exist_ok=True)
+    os.makedirs(out, exist_ok=True)
+    image = os.path.join(work, "l2.img")
+    with open(image, "wb") as f:
+        f.truncate(64 * MiB)
+    if not os.path.isdir(os.path.join(TRACEFS, "events")):
+        subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS], check=False)
+    tracefs("tracing_on", "0")
+    tracefs("buffer_size_kb", "65536")
+    for e in KVM_EVENTS:
+        tracefs(f"events/{e}/enable", "1")
+    meta = {"bars": [], "kind": cfg.kind}
+
+    def on_sync(tag, machine):
+        what, _, run = tag.partition(" ")
+        if what == "begin":
+            meta["bars"] = disk_bars(machine, cfg.kind)
+            tracefs("trace", "")
+            tracefs("tracing_on", "1")
+        elif what == "end":
+            tracefs("tracing_on", "0")
+            shutil.copy(os.path.join(TRACEFS, "trace"), os.path.join(out, f"{run}.ktrace"))
+
+    g = vm.Guest(qemu, count_job(cfg), work, "l2", device_args(name, image), accel="kvm",
+                 timeout=a.l2_timeout)
+    r = g.run(on_sync=on_sync)
+    os.unlink(image)
+    print(f"L2 {name}:", r.describe(), flush=True)
+    with open(os.path.join(out, "l2-result.json"), "w") as f:
+        json.dump(dict(describe=r.describe(), ok=r.ok, accel=r.accel, sections=r.sections,
+                       meta=meta, cmdline=r.cmdline), f, indent=1)
+
+
+GPA_RE = re.compile(r"gpa 0x([0-9a-f]+)")
+
+
+def count_run(text, bars):
+    """Counts of one trace window."""
+    c = dict(mmio_w=0, mmio_r=0, fast=0, user_mmio=0, msi=0)
+    for ln in text.splitlines():
+        if "kvm_msi_set_irq:" in ln:
+            c["msi"] += 1
+        elif "kvm_userspace_exit:" in ln:
+            c["user_mmio"] += "KVM_EXIT_MMIO" in ln
+        elif "kvm_mmio:" in ln or "kvm_fast_mmio:" in ln:
+            m = GPA_RE.search(ln)
+            if not m or not any(lo <= int(m.group(1), 16) < hi for lo, hi in bars):
+                continue
+            if "kvm_fast_mmio:" in ln:
+                c["fast"] += 1
+            elif "mmio write" in ln:
+                c["mmio_w"] += 1
+            elif "read" in ln:
+                c["mmio_r"] += 1
+    return c
+
+
+def irq_delta(sections, run, pattern):
+    def total(text):
+        n = 0
+        for ln in (text or "").splitlines():
+            f = ln.split()
+            if f and re.search(pattern, ln):
+                n += sum(int(x) for x in f[1:] if x.isdigit())
+        return n
+    return total(sections.get(f"{run}.irq1")) - total(sections.get(f"{run}.irq0"))
+
+
+def check_counts(t, a):
+    rows = []
+    for name in a.cases.split(","):
+        cfg = configs.BY_NAME[name]
+        try:
+            res = json.loads(read("l2-result.json", name) or "null")
+        except ValueError:
+            res = None
+        t.ok(bool(res and res["accel"] == "kvm"), f"{name}: L2 booted under KVM",
+             res["describe"] if res else "no l2-result.json")
+        if not res:
+            continue
+        for run, qd, n in COUNT_RUNS:
+            f = fio.parse(res["sections"].get(run, ""))
+            text = read(f"{run}.ktrace", name)
+            ok = bool(f and f["ios"] and not f["error"] and text is not None and
+                      res["meta"]["bars"])
+            t.ok(ok, f"{name} {run}: fio ran, the kvm trace window was recorded",
+                 f"fio={f} trace={'yes' if text is not None else 'no'} "
+                 f"bars={res['meta']['bars']}")
+            if not ok:
+                continue
+            c = count_run(text, res["meta"]["bars"])
+            ios = f["ios"]
+            irqs = irq_delta(res["sections"], run, cfg.irq_pattern)
+            rows.append((name, qd, ios, f["iops"], (c["mmio_w"] + c["fast"]) / ios,
+                         c["fast"] / ios, c["mmio_r"] / ios, c["user_mmio"] / ios,
+                         c["msi"] / ios, irqs / ios))
+    L = ["| config | QD | I/Os | IOPS | doorbell exits/IO (of which fast MMIO) | "
+         "BAR reads/IO | MMIO exits to QEMU/IO (any device) | MSI injections/IO | "
+         "L2 disk interrupts/IO |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        L.append(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.0f} | {r[4]:.2f} ({r[5]:.2f}) | "
+                 f"{r[6]:.2f} | {r[7]:.2f} | {r[8]:.2f} | {r[9]:.2f} |")
+    md = "\n".join(L) + "\n"
+    with open(os.path.join(WORK, "counts.md"), "w") as f:
+        f.write(md)
+    for ln in L:
+        print(f"# {ln}", flush=True)
+
+
 # ------------------------------------------------------------------ L0 (here)
 def l1_job(a):
     inner = ["/usr/bin/python3", os.path.abspath(__file__), "--inside", "--share", SHARE,
              "--cases", a.cases, "--size-mib", str(a.size_mib),
-             "--l2-timeout", str(a.l2_timeout)]
+             "--l2-timeout", str(a.l2_timeout)] + (["--count"] if a.count else [])
     return "\n".join([
         "export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root PYTHONDONTWRITEBYTECODE=1",
         f"export PYTHONPATH={ROOT}:{ROOT}/build/qemu/python",
@@ -312,6 +472,9 @@ def check(t, a, rc, timed_out, elapsed):
     for ln in joblog.splitlines():
         if ln.startswith(("L1:", "L2")):
             print(f"# {ln[:400]}", flush=True)
+    if a.count:
+        check_counts(t, a)
+        return
     for name in a.cases.split(","):
         check_case(t, name, status, joblog, console)
 
@@ -429,11 +592,15 @@ def main():
     ap.add_argument("--l2-timeout", type=int, default=200, help="per case")
     ap.add_argument("--l1-cpu", default="max",
                     help="L1's -cpu (default max; max,-svm checks the SKIP path)")
+    ap.add_argument("--count", action="store_true",
+                    help="measure exits and injections per I/O instead (see above)")
     ap.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--share", default=SHARE, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.config:
         a.cases = a.config
+    elif a.count and a.cases == ",".join(CASES):
+        a.cases = ",".join(COUNT_CONFIGS)
     if a.inside:
         sys.exit(inside(a))
     names = a.cases.split(",")
@@ -441,15 +608,15 @@ def main():
         a.timeout = 60 + (a.l2_timeout + 30) * len(names)
     t = Tap("kvm")
     qemu = os.path.join(ROOT, configs.QEMU_BINARIES["patched"])
-    bad = [n for n in names if case(n) is None or configs.BY_NAME[case(n)[0]].kind != "nvme"
-           or configs.BY_NAME[case(n)[0]].qemu != "patched"]
+    bad = [n for n in names if case(n) is None or configs.BY_NAME[case(n)[0]].qemu != "patched"
+           or configs.BY_NAME[case(n)[0]].kind != "nvme" and not a.count]
     if bad:
         t.ok(False, f"cases {', '.join(bad)} exist and are nvme ones on the patched QEMU",
              f"cases: {', '.join(CASES)}, or an nvme configuration of nvdp/configs.py")
     elif not os.access(qemu, os.X_OK):
         t.ok(False, f"{qemu} exists", "build QEMU first (make)")
     else:
-        have = vm.device_help(qemu, "nvme")
+        have = vm.device_help(qemu, "nvme") | vm.device_help(qemu, "virtio-blk-pci")
         missing = {n: [k for k in configs.props_dict(
             ",".join(filter(None, [configs.BY_NAME[case(n)[0]].props, case(n)[1]])))
             if k not in have] for n in names}
