@@ -105,6 +105,15 @@ CASES = {
                            "one MSI-X vector: admin CQ and I/O CQ share vector 0"),
 }
 SHARED = {"nvme-iothread-1vec"}     # cases that must show a shared vector
+# stress cases: controller resets during QD 64 verify, driver unbind/bind
+# (MSI-X off and on), device_del during I/O; the controller on a PCIe root
+# port (hot-pluggable) with id "dut"
+STRESS = {
+    "nvme-iothread-stress": ("nvme-iothread", "resets at QD 64, unbind/bind, device_del"),
+    "nvme-iothread-poll-stress": ("nvme-iothread-poll", "the same, IOThread polling"),
+}
+for _n, (_c, _d) in STRESS.items():
+    CASES[_n] = (_c, "", _d)
 
 
 def case(name):
@@ -122,7 +131,56 @@ def device_args(name, image):
     args[i] = f"node-name=disk0,driver=file,filename={image},cache.direct=off,aio=threads"
     if extra:
         args[args.index("-device") + 1] += "," + extra
+    if name in STRESS:                  # a hot-pluggable slot for device_del
+        args[args.index("-device") + 1] += ",id=dut,bus=rp0"
+        args = ["-device", "pcie-root-port,id=rp0,bus=pcie.0,chassis=1"] + args
     return args
+
+
+def stress_job():
+    """L2's job of a STRESS case."""
+    v = dict(verify="crc32c", do_verify=1, verify_fatal=1, randrepeat=0)
+    resets = fio.cmdline("resets", "/dev/nvme0n1", "randwrite", 64, size="16M", **v)
+    rebind = fio.cmdline("rebind", "/dev/nvme0n1", "randwrite", 16, size="8M", **v)
+    unplug = fio.cmdline("unplug", "/dev/nvme0n1", "randwrite", 64, size="16M",
+                         time_based=True, runtime=60)
+    return "\n".join(fio.wait_dev("/dev/nvme0n1") + [
+        # 1. controller resets while fio verifies at QD 64
+        f"fio --output-format=json {resets} >/tmp/r.json 2>/tmp/r.err &",
+        "pid=$!; n=0; sleep 1",
+        "while kill -0 $pid 2>/dev/null; do",
+        "  echo 1 >/sys/class/nvme/nvme0/reset_controller 2>/dev/null && n=$((n+1)); sleep 1",
+        "done",
+        "wait $pid; frc=$?",
+        "nvdp_section resets cat /tmp/r.json",
+        "nvdp_section resets.rc echo $frc",
+        "nvdp_section resets.count echo $n",
+        "cat /tmp/r.err >&2",
+        "i=0; while [ \"$(cat /sys/class/nvme/nvme0/state)\" != live ] && [ $i -lt 100 ]; "
+        "do sleep 0.1; i=$((i+1)); done",
+        # 2. driver unbind and bind: MSI-X disabled, enabled again
+        "bdf=$(basename $(readlink -f /sys/class/nvme/nvme0/device))",
+        "nvdp_sync unbind",
+        "echo $bdf >/sys/bus/pci/drivers/nvme/unbind; sleep 1",
+        "nvdp_sync rebind",
+        "echo $bdf >/sys/bus/pci/drivers/nvme/bind",
+        "nvdp_wait_dev /dev/nvme0n1 60 || nvdp_log 'no /dev/nvme0n1 after bind'",
+        "nvdp_irqs rebind.irq0",
+        "nvdp_section rebind fio --output-format=json " + rebind,
+        "nvdp_irqs rebind.irq1",
+        # 3. device_del during I/O
+        f"fio --output-format=json {unplug} >/dev/null 2>&1 &",
+        "pid=$!; sleep 2",
+        "nvdp_section unplug.before sh -c 'kill -0 '$pid' && echo FIO-RUNNING'",
+        "nvdp_sync unplug",
+        "i=0; while [ -e /sys/class/nvme/nvme0 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done",
+        "nvdp_section unplug.gone sh -c '[ -e /sys/class/nvme/nvme0 ] && echo STILL-THERE "
+        "|| echo GONE'",
+        "kill $pid 2>/dev/null; i=0; while kill -0 $pid 2>/dev/null && [ $i -lt 100 ]; "
+        "do sleep 0.1; i=$((i+1)); done",
+        "nvdp_sync after",
+        "nvdp_section dmesg dmesg",
+        "exit 0"]) + "\n"
 
 
 # ------------------------------------------------------------------ L2 (run in L1)
@@ -190,19 +248,34 @@ def run_l2(a, qemu, name):
     for e in TRACE_EVENTS:          # each -trace sets the file again (None: stderr)
         args += ["-trace", f"enable={e},file={trace}"]
     marks = {}
+    qmp = {}
 
     def on_sync(tag, machine):
         marks[tag] = os.path.getsize(trace) if os.path.exists(trace) else 0
+        try:                        # STRESS: device_del, and what QEMU says after
+            if tag == "unplug":
+                qmp["del"] = machine.qmp("device_del", id="dut")
+            elif tag == "after":
+                try:
+                    qmp["deleted"] = bool(machine.event_wait("DEVICE_DELETED", 20))
+                except TimeoutError:
+                    qmp["deleted"] = False
+                qmp["status"] = machine.cmd("query-status").get("status")
+                qmp["present"] = "dut" in json.dumps(machine.cmd("query-pci"))
+        except Exception as e:      # noqa: BLE001 -- any QMP failure fails the case
+            qmp["error"] = repr(e)
 
-    g = vm.Guest(qemu, l2_job(f"{a.size_mib}M", pin=name in SHARED), work, "l2", args, accel="kvm",
-                 timeout=a.l2_timeout)
+    job = stress_job() if name in STRESS else l2_job(f"{a.size_mib}M", pin=name in SHARED)
+    g = vm.Guest(qemu, job, work, "l2", args, accel="kvm",
+                 timeout=a.l2_timeout + (120 if name in STRESS else 0))
     r = g.run(on_sync=on_sync)
     os.unlink(image)
     print(f"L2 {name}:", shlex.join(r.cmdline), flush=True)
     print(f"L2 {name}:", r.describe(), flush=True)
     res = dict(describe=r.describe(), ok=r.ok, accel=r.accel, ended=r.ended, status=r.status,
                qemu_rc=r.qemu_rc, timed_out=r.timed_out, elapsed=r.elapsed, sections=r.sections,
-               rcs=r.rcs, logs=r.logs, marks=marks, size=a.size_mib * MiB, cmdline=r.cmdline)
+               rcs=r.rcs, logs=r.logs, marks=marks, size=a.size_mib * MiB, cmdline=r.cmdline,
+               qmp=qmp)
     for f in os.listdir(work):
         if os.path.isfile(os.path.join(work, f)):
             shutil.copy(os.path.join(work, f), os.path.join(out, f))
@@ -476,7 +549,7 @@ def check(t, a, rc, timed_out, elapsed):
         check_counts(t, a)
         return
     for name in a.cases.split(","):
-        check_case(t, name, status, joblog, console)
+        (check_stress if name in STRESS else check_case)(t, name, status, joblog, console)
 
 
 def check_case(t, name, status, joblog, console):
@@ -578,6 +651,61 @@ def check_case(t, name, status, joblog, console):
     t.ok(sum(upd.values()) >= 1,
          f"{name}: MSI route / irqfd updates of nvme vectors while cpu1 goes offline/online",
          f"trace window {b}..{e} bytes, {len(window)} lines: {upd}")
+
+
+def check_stress(t, name, status, joblog, console):
+    """The TAP cases of a STRESS run."""
+    try:
+        res = json.loads(read("l2-result.json", name) or "null")
+    except ValueError:
+        res = None
+    if not res:
+        t.ok(False, f"{name}: L2 boots under KVM in L1",
+             f"no {name}/l2-result.json; l1-status={status.split()}\n{tail(joblog)}")
+        return
+    S = res["sections"]
+    t.ok(res["accel"] == "kvm" and res["ended"] and res["status"] == 0,
+         f"{name}: L2 ({case(name)[0]}) boots under KVM and its job ends",
+         f"{res['describe']}\n" + "\n".join(res["logs"]) + "\n"
+         + tail(read("l2.console.log", name)))
+    trace = read("l2.trace", name) or ""
+    marks = res["marks"]
+
+    def window(a, b=None):
+        return trace[marks.get(a, len(trace)):marks.get(b, len(trace)) if b else len(trace)]
+
+    def fio_ok(sec, size):
+        f = fio.parse(S.get(sec) or "")
+        rc = (S.get(sec + ".rc") or "").strip()
+        return (f is not None and f["error"] == 0 and f["write_bytes"] == size
+                and rc in ("", "0") and res["rcs"].get(sec) in (None, 0)), f
+    ok, f = fio_ok("resets", 16 * MiB)
+    n = (S.get("resets.count") or "").strip()
+    t.ok(ok and n.isdigit() and int(n) >= 2,
+         f"{name}: fio verify at QD 64 clean while the controller is reset every second",
+         f"resets={n} fio={f}")
+    unb, reb = window("unbind", "rebind"), window("rebind", "unplug")
+    detached = len(re.findall(r"pci_nvme_irq_vector_irqfd .*attached 0", unb)) + \
+        len(re.findall(r"pci_nvme_irq_vector_unuse", unb))
+    attached = len(re.findall(r"pci_nvme_irq_vector_irqfd .*attached 1", reb))
+    signalled = reb.count("pci_nvme_irq_eventfd ")
+    irqs = nvme_io_irqs(S.get("rebind.irq1", "")) - nvme_io_irqs(S.get("rebind.irq0", ""))
+    ok, f = fio_ok("rebind", 8 * MiB)
+    t.ok(ok and detached and attached and signalled and irqs > 0,
+         f"{name}: driver unbind/bind (MSI-X off and on): irqfds detached, attached again, "
+         "fio verify clean through them",
+         f"detached/unused={detached} attached={attached} signalled={signalled} "
+         f"guest irqs={irqs} fio={f}")
+    q = res.get("qmp") or {}
+    gone = window("unplug")
+    unused = len(re.findall(r"pci_nvme_irq_vector_unuse", gone))
+    t.ok("FIO-RUNNING" in S.get("unplug.before", "") and "return" in (q.get("del") or {})
+         and q.get("deleted") and q.get("status") == "running" and q.get("present") is False
+         and "GONE" in S.get("unplug.gone", "") and res["qemu_rc"] == 0 and "error" not in q
+         and unused > 0,
+         f"{name}: device_del during QD 64 I/O: removed, vectors released, QEMU alive",
+         f"qmp={q} guest={S.get('unplug.gone', '').split()} qemu_rc={res['qemu_rc']} "
+         f"vector unuse events after device_del={unused}")
 
 
 def main():
