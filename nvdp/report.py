@@ -9,8 +9,9 @@ import json
 import os
 import statistics
 import subprocess
+import time
 
-from . import configs
+from . import ROOT, configs
 
 THREAD_CLASSES = ["vcpu", "main", "iothread", "other"]
 
@@ -115,8 +116,22 @@ def write_markdown(path, rows, meta):
     L.append("")
     L.append(f"Raw data: {meta['outdir']}/raw/*.json (fio json, per-thread CPU, "
              "/proc/interrupts, QEMU command lines).  Chart: chart.png.\n")
+    L += cost_section()
     with open(path, "w") as f:
         f.write("\n".join(L))
+
+
+def cost_section():
+    """The cost meter's latest tables (make cost: build/cost/results.md),
+    counts per I/O that do not depend on the host's load, next to the
+    guest's numbers; a note to run it where there is none."""
+    p = os.path.join(ROOT, "build", "cost", "results.md")
+    if not os.path.exists(p):
+        return ["## Cost meter\n", "No `make cost` results in build/cost/ yet: run "
+                "`make cost` for instructions, syscalls, doorbells and interrupts per I/O.\n"]
+    text = open(p).read()
+    body = text.split("\n", 1)[1] if text.startswith("# ") else text
+    return [f"## Cost meter (make cost, {time.ctime(os.path.getmtime(p))})\n", body]
 
 
 def write_chart(outdir, rows, meta):
