@@ -27,6 +27,7 @@ Fields:
              trace events, with these properties overridden
 """
 import argparse
+import os
 import re
 from dataclasses import dataclass
 
@@ -145,6 +146,19 @@ CONFIGS = [
     virtio_blk("virtio-blk-iothread-poll1ms", iothread="poll-max-ns=1000000", quick=False),
     null_blk("null_blk"),
 ]
+
+# An A/B run against another build of the patched QEMU (the series before
+# a change, say): NVDP_QEMU_BEFORE=/path/to/qemu-system-x86_64 adds
+# "<name>-before" twins of the nvme configurations with an IOThread, to
+# pick with --configs next to the originals, in the same interleaved run.
+if os.environ.get("NVDP_QEMU_BEFORE"):
+    QEMU_BINARIES["before"] = os.environ["NVDP_QEMU_BEFORE"]
+    CONFIGS += [Config(c.name + "-before", c.kind, c.driver, c.props, iothread=c.iothread,
+                       qemu="before", quick=False, desc=c.desc + " (NVDP_QEMU_BEFORE)",
+                       guest_dev=c.guest_dev, irq_pattern=c.irq_pattern,
+                       doorbell_events=c.doorbell_events, count_props=c.count_props,
+                       guest_tests=False)
+                for c in list(CONFIGS) if c.kind == "nvme" and c.iothread is not None]
 
 BY_NAME = {c.name: c for c in CONFIGS}
 

@@ -266,7 +266,7 @@ def run_l2(a, qemu, name):
             qmp["error"] = repr(e)
 
     job = stress_job() if name in STRESS else l2_job(f"{a.size_mib}M", pin=name in SHARED)
-    g = vm.Guest(qemu, job, work, "l2", args, accel="kvm",
+    g = vm.Guest(qemu, job, work, "l2", args, accel="kvm", append=a.l2_append,
                  timeout=a.l2_timeout + (120 if name in STRESS else 0))
     r = g.run(on_sync=on_sync)
     os.unlink(image)
@@ -435,7 +435,8 @@ def check_counts(t, a):
 def l1_job(a):
     inner = ["/usr/bin/python3", os.path.abspath(__file__), "--inside", "--share", SHARE,
              "--cases", a.cases, "--size-mib", str(a.size_mib),
-             "--l2-timeout", str(a.l2_timeout)] + (["--count"] if a.count else [])
+             "--l2-timeout", str(a.l2_timeout), "--l2-append", a.l2_append] + \
+        (["--count"] if a.count else [])
     return "\n".join([
         "export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root PYTHONDONTWRITEBYTECODE=1",
         f"export PYTHONPATH={ROOT}:{ROOT}/build/qemu/python",
@@ -720,6 +721,8 @@ def main():
     ap.add_argument("--l2-timeout", type=int, default=200, help="per case")
     ap.add_argument("--l1-cpu", default="max",
                     help="L1's -cpu (default max; max,-svm checks the SKIP path)")
+    ap.add_argument("--l2-append", default="",
+                    help="more of L2's kernel command line (e.g. ignore_loglevel)")
     ap.add_argument("--count", action="store_true",
                     help="measure exits and injections per I/O instead (see above)")
     ap.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
