@@ -72,6 +72,27 @@ def _probe_kvm(qemu):
     return accel
 
 
+def unplug_steps(res, dev_id="dut"):
+    """on_sync steps of a device_del test (guest and KVM tests): at SYNC
+    "unplug", device_del DEV_ID; at "after", whether DEVICE_DELETED came
+    (within 20 s), the run state, and whether query-pci still lists the
+    device.  Answers, and any QMP failure ("error"), go into the dict RES."""
+    def step(tag, machine):
+        try:
+            if tag == "unplug":
+                res["del"] = machine.qmp("device_del", id=dev_id)
+            elif tag == "after":
+                try:
+                    res["deleted"] = bool(machine.event_wait("DEVICE_DELETED", 20))
+                except TimeoutError:
+                    res["deleted"] = False
+                res["status"] = machine.cmd("query-status").get("status")
+                res["present"] = dev_id in json.dumps(machine.cmd("query-pci"))
+        except Exception as e:      # noqa: BLE001 -- any QMP failure fails the case
+            res["error"] = repr(e)
+    return step
+
+
 def device_help(qemu, driver):
     """Property names of -device DRIVER,help (empty set if unknown)."""
     r = subprocess.run([qemu, "-device", f"{driver},help"], capture_output=True, text=True)

@@ -213,23 +213,8 @@ def test_unplug(t, cfg, qemu, workdir):
     i = max(k for k, a in enumerate(args) if a.startswith("nvme,"))
     args[i] += ",id=dut,bus=rp0"
     res = {}
-
-    def on_sync(tag, machine):      # QMP through QEMUMachine (qemu.qmp)
-        try:
-            if tag == "unplug":
-                res["del"] = machine.qmp("device_del", id="dut")
-            elif tag == "after":
-                try:
-                    res["deleted"] = bool(machine.event_wait("DEVICE_DELETED", 20))
-                except TimeoutError:
-                    res["deleted"] = False
-                res["status"] = machine.cmd("query-status").get("status")
-                res["present"] = "dut" in json.dumps(machine.cmd("query-pci"))
-        except Exception as e:      # noqa: BLE001 -- any QMP failure fails the case
-            res["error"] = repr(e)
-
     r = vm.Guest(qemu, unplug_job(), workdir, cfg.name + "-unplug", args,
-                 timeout=240).run(on_sync=on_sync)
+                 timeout=240).run(on_sync=vm.unplug_steps(res))
     print(f"# {cfg.name}-unplug: {r.describe()}", flush=True)
     P = f"{cfg.name}:"
     d = (f"del={res.get('del')} deleted={res.get('deleted')} status={res.get('status')} "

@@ -249,21 +249,11 @@ def run_l2(a, qemu, name):
         args += ["-trace", f"enable={e},file={trace}"]
     marks = {}
     qmp = {}
+    unplug = vm.unplug_steps(qmp)   # STRESS: device_del, and what QEMU says after
 
     def on_sync(tag, machine):
         marks[tag] = os.path.getsize(trace) if os.path.exists(trace) else 0
-        try:                        # STRESS: device_del, and what QEMU says after
-            if tag == "unplug":
-                qmp["del"] = machine.qmp("device_del", id="dut")
-            elif tag == "after":
-                try:
-                    qmp["deleted"] = bool(machine.event_wait("DEVICE_DELETED", 20))
-                except TimeoutError:
-                    qmp["deleted"] = False
-                qmp["status"] = machine.cmd("query-status").get("status")
-                qmp["present"] = "dut" in json.dumps(machine.cmd("query-pci"))
-        except Exception as e:      # noqa: BLE001 -- any QMP failure fails the case
-            qmp["error"] = repr(e)
+        unplug(tag, machine)
 
     job = stress_job() if name in STRESS else l2_job(f"{a.size_mib}M", pin=name in SHARED)
     g = vm.Guest(qemu, job, work, "l2", args, accel="kvm", append=a.l2_append,
