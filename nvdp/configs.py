@@ -29,7 +29,7 @@ Fields:
 import argparse
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 QEMU_BINARIES = {
     "patched": "build/qemu/build/qemu-system-x86_64",
@@ -153,11 +153,8 @@ CONFIGS = [
 # pick with --configs next to the originals, in the same interleaved run.
 if os.environ.get("NVDP_QEMU_BEFORE"):
     QEMU_BINARIES["before"] = os.environ["NVDP_QEMU_BEFORE"]
-    CONFIGS += [Config(c.name + "-before", c.kind, c.driver, c.props, iothread=c.iothread,
-                       qemu="before", quick=False, desc=c.desc + " (NVDP_QEMU_BEFORE)",
-                       guest_dev=c.guest_dev, irq_pattern=c.irq_pattern,
-                       doorbell_events=c.doorbell_events, count_props=c.count_props,
-                       guest_tests=False)
+    CONFIGS += [replace(c, name=c.name + "-before", qemu="before", quick=False,
+                        desc=c.desc + " (NVDP_QEMU_BEFORE)", guest_tests=False)
                 for c in list(CONFIGS) if c.kind == "nvme" and c.iothread is not None]
 
 BY_NAME = {c.name: c for c in CONFIGS}

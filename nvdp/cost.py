@@ -125,13 +125,9 @@ def qemu_args(cfg):
     return args + ["-name", "cost,debug-threads=on"]
 
 
-# --qemu: another build of the patched QEMU (a before/after comparison)
-PATCHED_OVERRIDE = None
-
-
 def qemu_binary(cfg):
-    if cfg.qemu == "patched" and PATCHED_OVERRIDE:
-        return PATCHED_OVERRIDE
+    """The configuration's QEMU; for a before/after comparison, set
+    NVDP_QEMU_BEFORE and add the "<name>-before" twins (nvdp/configs.py)."""
     return os.path.join(ROOT, configs.QEMU_BINARIES[cfg.qemu])
 
 
@@ -388,14 +384,12 @@ def main():
     ap.add_argument("--runs", type=int, default=2, choices=(1, 2),
                     help="callgrind runs per configuration")
     ap.add_argument("--no-strace", action="store_true")
-    ap.add_argument("--qemu", help="use this binary for the patched configurations")
     ap.add_argument("--backend", default="null", choices=sorted(configs.BACKENDS),
                     help="the disk's backend (default null: null-co); native and "
                     "io_uring use a 1 GiB raw image in build/cost, O_DIRECT")
     ap.add_argument("--out", help="write results.md/json here too (default build/cost)")
     a = ap.parse_args()
-    global PATCHED_OVERRIDE, BACKEND
-    PATCHED_OVERRIDE = os.path.abspath(a.qemu) if a.qemu else None
+    global BACKEND
     BACKEND = a.backend
     for tool in ("valgrind", "strace"):
         if not shutil.which(tool):
@@ -408,7 +402,7 @@ def main():
     os.makedirs(outdir)
     meta = {"date": time.strftime("%Y-%m-%d"), "host": os.uname().nodename,
             "n": a.n, "warmup": a.warmup, "configs": names, "backend": a.backend,
-            "qemu": PATCHED_OVERRIDE or configs.QEMU_BINARIES["patched"]}
+            "qemu": configs.QEMU_BINARIES["patched"]}
     results = {}
     for cfg in cfgs:
         qemu = qemu_binary(cfg)
