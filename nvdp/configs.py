@@ -42,6 +42,8 @@ BACKENDS = {
     "native": "driver=file,filename={image},cache.direct=on,aio=native",
     "io_uring": "driver=file,filename={image},cache.direct=on,aio=io_uring",
     "null": "driver=null-co,size=1G,read-zeroes=off",
+    # the page cache, for file systems without O_DIRECT (tmpfs)
+    "threads": "driver=file,filename={image},aio=threads",
 }
 
 

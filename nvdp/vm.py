@@ -239,7 +239,10 @@ class Guest:
                 elif kind == "SYNC":
                     if on_sync:
                         on_sync(arg, vm)
-                    sock.sendall(f"ACK {arg}\n".encode())
+                    try:
+                        sock.sendall(f"ACK {arg}\n".encode())
+                    except OSError:     # the guest is gone (powered off, killed)
+                        return
                 elif kind == "LOG":
                     res.logs.append(arg)
                 elif kind == "STATUS":

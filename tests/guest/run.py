@@ -21,18 +21,29 @@ In each boot:
 A second boot per configuration, with the controller behind a PCIe root
 port: `device_del` of the controller while fio runs at QD 64.  The guest
 may see errors; QEMU must survive, remove the device and answer QMP.
+A third boot for the configurations in ENOSPC_CONFIGS (with and without an
+IOThread): the disk is a sparse raw file on a tmpfs too small for what fio
+writes (werror=enospc, the default).  QEMU must stop the VM with
+BLOCK_IO_ERROR (nospace) and io-status "nospace"; the test grows the
+tmpfs and sends "cont"; fio verify=crc32c must then finish with 0 errors
+and every byte written and read back.
 Output: TAP (nvdp/tap.py) `ok N - name` / `not ok N - name`, then "N passed, N failed";
 exit status 1 if anything failed.  A missing result is a failure.
 
-Options: --configs a,b; --tests main,unplug; --qemu BINARY.  Per-boot logs
+Options: --configs a,b; --tests main,unplug,enospc; --qemu BINARY.  Per-boot logs
 stay in build/guest-tests/.  Run from the repository root with
 PYTHONPATH=.:build/qemu/python (the Makefile sets it).
 """
 import argparse
+import asyncio
 import json
 import os
+import subprocess
 import sys
+import threading
 import time
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from nvdp import ROOT, configs, fio, vm
 from nvdp.tap import Tap
@@ -231,11 +242,119 @@ def test_unplug(t, cfg, qemu, workdir):
     os.unlink(image)
 
 
+ENOSPC_CONFIGS = ("nvme", "nvme-iothread", "nvme-iothread-poll")
+ENOSPC_FS, ENOSPC_FS_GROWN = 40 * MiB, 256 * MiB
+ENOSPC_DISK = 256 * MiB
+ENOSPC = ("enospc", 16, 0, 96 * MiB)      # more than ENOSPC_FS holds
+
+
+def enospc_job():
+    name, qd, off, size = ENOSPC
+    return "\n".join(fio.wait_dev("/dev/nvme0n1") + [
+        "nvdp_sync watch",
+        f"nvdp_section {name} fio {fio_args(name, qd, off, size)}",
+        "nvdp_sync after",
+        "exit 0"]) + "\n"
+
+
+def enospc_watch(qmp_path, mnt, res, done):
+    """Host side, in a thread: wait for the VM to stop on ENOSPC (until DONE
+    is set), record what QMP says, make room (grow the tmpfs), "cont"."""
+    qmp = None
+    try:
+        qmp = QEMUMonitorProtocol(qmp_path)
+        qmp.connect()
+        t0 = time.monotonic()
+        res["errors"] = []
+        while not done.is_set():
+            try:
+                ev = qmp.pull_event(wait=0.5)
+            except asyncio.TimeoutError:
+                continue
+            if ev["event"] == "BLOCK_IO_ERROR":
+                res["errors"].append(ev["data"])
+            elif ev["event"] == "STOP":
+                break
+        else:
+            return      # the guest finished and QEMU never stopped
+        res["stopped_after_s"] = round(time.monotonic() - t0, 1)
+        res["status"] = qmp.cmd("query-status")["status"]
+        res["io_status"] = [b.get("io-status") for b in qmp.cmd("query-block")]
+        st = os.statvfs(mnt)
+        res["fs_free_kib"] = st.f_bavail * st.f_frsize // 1024
+        subprocess.run(["mount", "-o", f"remount,size={ENOSPC_FS_GROWN}", mnt], check=True)
+        qmp.cmd("cont")
+        res["resumed"] = qmp.cmd("query-status")["status"]
+    except Exception as e:      # noqa: BLE001 -- any failure fails the case
+        res["error"] = repr(e)
+    finally:
+        if qmp:
+            try:
+                qmp.close()
+            except Exception:   # noqa: BLE001 -- QEMU may be gone already
+                pass
+
+
+def test_enospc(t, cfg, qemu, workdir):
+    """The backend runs out of space during fio verify: pause, room, cont."""
+    P = f"{cfg.name}:"
+    mnt = os.path.join(workdir, f"{cfg.name}-enospc.mnt")
+    os.makedirs(mnt, exist_ok=True)
+    subprocess.run(["umount", mnt], capture_output=True)
+    m = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={ENOSPC_FS}", "tmpfs", mnt],
+                       capture_output=True, text=True)
+    if m.returncode != 0:
+        t.skip(f"{P} werror=enospc pauses the VM", f"cannot mount a tmpfs: {m.stderr.strip()}")
+        return
+    try:
+        image = os.path.join(mnt, "disk.img")
+        with open(image, "wb") as f:
+            f.truncate(ENOSPC_DISK)
+        qmp_path = os.path.join(workdir, f"{cfg.name}-enospc.qmp")
+        if os.path.exists(qmp_path):
+            os.unlink(qmp_path)
+        args = cfg.qemu_args("threads", image) + [
+            "-qmp", f"unix:{qmp_path},server=on,wait=off"]
+        res, watch, done = {}, [], threading.Event()
+
+        def on_sync(tag, machine):
+            if tag == "watch":
+                th = threading.Thread(target=enospc_watch, args=(qmp_path, mnt, res, done))
+                th.start()
+                watch.append(th)
+            elif tag == "after":
+                done.set()
+
+        r = vm.Guest(qemu, enospc_job(), workdir, cfg.name + "-enospc", args,
+                     timeout=300).run(on_sync=on_sync)
+        done.set()
+        if watch:
+            watch[0].join(30)
+        print(f"# {cfg.name}-enospc: {r.describe()} host={res}", flush=True)
+        errs = res.get("errors", [])
+        t.ok(res.get("status") == "io-error" and errs and all(
+                 e.get("action") == "stop" and e.get("nospace") and e.get("operation") == "write"
+                 for e in errs) and "nospace" in res.get("io_status", [])
+             and res.get("resumed") == "running" and "error" not in res,
+             f"{P} backend out of space: the VM stops (BLOCK_IO_ERROR nospace, io-status "
+             f"nospace) and runs again after room is made and cont",
+             f"host={res}\n" + "\n".join(r.logs))
+        name, qd, off, size = ENOSPC
+        ok, d = fio_check(r.sections.get(name), r.rcs.get(name), size)
+        t.ok(ok and r.ended and r.qemu_rc == 0,
+             f"{P} fio verify=crc32c across the pause: 0 errors, all "
+             f"{size // MiB} MiB written and read back",
+             f"{d} ended={r.ended} qemu_rc={r.qemu_rc}\n" + r.console[-800:])
+    finally:
+        subprocess.run(["umount", mnt], capture_output=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs")
-    ap.add_argument("--tests", default="main,unplug",
-                    help="which boots per configuration: main, unplug (default both)")
+    ap.add_argument("--tests", default="main,unplug,enospc",
+                    help="which boots per configuration: main, unplug, enospc "
+                    "(default all; enospc only for ENOSPC_CONFIGS)")
     ap.add_argument("--qemu", help="QEMU binary (default: the patched build); e.g. "
                     "build/stock/build/qemu-system-x86_64 to check the harness on the base")
     a = ap.parse_args()
@@ -269,6 +388,8 @@ def main():
             first = False
         if "unplug" in a.tests.split(","):
             test_unplug(t, cfg, qemu, workdir)
+        if "enospc" in a.tests.split(",") and cfg.name in ENOSPC_CONFIGS:
+            test_enospc(t, cfg, qemu, workdir)
     sys.exit(t.done())
 
 
