@@ -247,6 +247,11 @@ def run_l2(a, qemu, name):
     args = device_args(name, image)
     for e in TRACE_EVENTS:          # each -trace sets the file again (None: stderr)
         args += ["-trace", f"enable={e},file={trace}"]
+    # every vCPU reset with the state before it: L2 exiting with status 0 in
+    # the middle of a job (README, Known issues) is a guest reset under
+    # -no-reboot; this shows where L2 was (a triple fault leaves no console
+    # message)
+    args += ["-d", "cpu_reset", "-D", os.path.join(work, "l2.cpu-reset.log")]
     marks = {}
     qmp = {}
     unplug = vm.unplug_steps(qmp)   # STRESS: device_del, and what QEMU says after
