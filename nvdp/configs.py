@@ -19,6 +19,10 @@ Fields:
   props      device properties as "k=v,k=v" (checked against DRIVER,help)
   iothread   None, or the properties of `-object iothread,id=iothread0,...`;
              the thread is then named "IO iothread0" on the host
+  iothreads  how many such IOThreads (iothread0, iothread1, ...); more than
+             one: the device spreads its queues over them, round-robin
+             (nvme iothread-queue-mapping, virtio-blk iothread-vq-mapping;
+             -device in JSON)
   quick      part of the default `make bench` matrix
   guest_tests  (nvme, patched) also run by the guest tests; False for
              variants that only differ in tuning
@@ -27,6 +31,7 @@ Fields:
              trace events, with these properties overridden
 """
 import argparse
+import json
 import os
 import re
 from dataclasses import dataclass, replace
@@ -58,6 +63,7 @@ class Config:
     driver: str = None          # -device driver (None: no device)
     props: str = ""
     iothread: str = None
+    iothreads: int = 1
     qemu: str = "patched"
     quick: bool = True
     baseline: bool = False
@@ -71,21 +77,45 @@ class Config:
 
     def missing_props(self, supported):
         """Device properties this configuration needs that the binary lacks."""
-        return [k for k in props_dict(self.props) if k not in supported] if self.driver else []
+        if not self.driver:
+            return []
+        need = list(props_dict(self.props))
+        if self.iothreads > 1:
+            need.append({"nvme": "iothread-queue-mapping",
+                         "virtio-blk": "iothread-vq-mapping"}[self.kind])
+        return [k for k in need if k not in supported]
 
-    def qemu_args(self, backend="native", image=None, counting=False):
+    def iothread_ids(self):
+        return [] if self.iothread is None else [f"iothread{i}" for i in range(self.iothreads)]
+
+    def qemu_args(self, backend="native", image=None, counting=False, dev_props=""):
+        """Arguments for this configuration; DEV_PROPS ("k=v,...") are
+        added to the device's (an id, a bus)."""
         args = []
-        if self.iothread is not None:
-            args += ["-object", ",".join(filter(None, ["iothread,id=iothread0", self.iothread]))]
+        for i in self.iothread_ids():
+            args += ["-object", ",".join(filter(None, [f"iothread,id={i}", self.iothread]))]
         if not self.driver:
             return args
         props = props_dict(self.props)
         if counting:
             props.update(props_dict(self.count_props))
+        props.update(props_dict(dev_props))
         dev = {"nvme": "nvme,serial=nvdp0001,drive=disk0",
                "virtio-blk": "virtio-blk-pci,drive=disk0"}[self.kind]
-        return args + ["-blockdev", "node-name=disk0," + BACKENDS[backend].format(image=image),
-                       "-device", ",".join([dev] + [f"{k}={v}" for k, v in props.items()])]
+        blockdev = ["-blockdev", "node-name=disk0," + BACKENDS[backend].format(image=image)]
+        if self.iothreads > 1:
+            return args + blockdev + ["-device", self.device_json(dev, props)]
+        return args + blockdev + ["-device", ",".join([dev] + [f"{k}={v}" for k, v in props.items()])]
+
+    def device_json(self, dev, props):
+        """-device in JSON (a queue mapping is a list of objects): numbers as
+        numbers, on/off as booleans."""
+        d = {"driver": dev.split(",")[0]}
+        for k, v in list(props_dict(",".join(dev.split(",")[1:])).items()) + list(props.items()):
+            d[k] = int(v) if v.isdigit() else {"on": True, "off": False}.get(v, v)
+        key = {"nvme": "iothread-queue-mapping", "virtio-blk": "iothread-vq-mapping"}[self.kind]
+        d[key] = [{"iothread": i} for i in self.iothread_ids()]
+        return json.dumps(d, separators=(",", ":"))
 
 
 NVME_MMIO_DOORBELLS = ("pci_nvme_mmio_doorbell_sq", "pci_nvme_mmio_doorbell_cq")
@@ -94,10 +124,13 @@ NVME_IOEVENTFD_DOORBELLS = ("pci_nvme_ioeventfd_doorbell_sq", "pci_nvme_ioeventf
 
 
 def _device(kind, driver, name, props, iothread, kw):
-    if iothread is not None:
+    n = kw.get("iothreads", 1)
+    if iothread is not None and n == 1:
         props = ",".join(filter(None, [props, "iothread=iothread0"]))
+    mapping = {"nvme": "iothread-queue-mapping", "virtio-blk": "iothread-vq-mapping"}[kind]
     kw.setdefault("desc", f"-device {driver}{',' + props if props else ''}"
-                  + (f" + iothread {iothread}" if iothread else ""))
+                  + (f" + iothread {iothread}" if iothread and n == 1 else "")
+                  + (f" + {mapping} over {n} iothreads {iothread}" if n > 1 else ""))
     return Config(name, kind, driver, props, iothread=iothread, **kw)
 
 
@@ -142,10 +175,15 @@ CONFIGS = [
     nvme("nvme-iothread-dbcs-off", "dbcs=off", iothread="poll-max-ns=0", quick=False),
     nvme("nvme-iothread-poll-dbcs-off", "dbcs=off", iothread="poll-max-ns=32768",
          quick=False),
+    # the queues over two IOThreads (round-robin: with 2 vCPUs, one queue
+    # pair, or virtqueue, per vCPU in each)
+    nvme("nvme-iothreads2", "ioeventfd=on", iothread="poll-max-ns=0", iothreads=2,
+         quick=False),
     virtio_blk("virtio-blk"),
     virtio_blk("virtio-blk-iothread", iothread="poll-max-ns=0"),
     virtio_blk("virtio-blk-iothread-poll", iothread="poll-max-ns=32768", quick=False),
     virtio_blk("virtio-blk-iothread-poll1ms", iothread="poll-max-ns=1000000", quick=False),
+    virtio_blk("virtio-blk-iothreads2", iothread="poll-max-ns=0", iothreads=2, quick=False),
     null_blk("null_blk"),
 ]
 

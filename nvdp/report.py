@@ -55,6 +55,12 @@ def summarize(runs, counts, meta):
                     row[k] = med([x["fio"][k] for x in good])
                 for k in THREAD_CLASSES + ["total"]:
                     row["cpu_" + k] = med([x["cpu_us_per_io"][k] for x in good])
+                # each IOThread's own share ("IO iothread0", ...)
+                ios = sorted({t for x in good for t in (x.get("cpu_by_thread") or {})
+                              if t.startswith("IO ")})
+                row["cpu_per_iothread"] = {
+                    t[3:]: med([(x["cpu_by_thread"].get(t, 0.0)) / x["fio"]["ios"] * 1e6
+                                for x in good]) for t in ios}
                 row["irqs_per_io"] = med([x.get("irqs_per_io") for x in good])
                 row["vcpu_writes_per_io"] = med([x.get("vcpu_writes_per_io") for x in good])
                 ratios = []
@@ -113,6 +119,15 @@ def write_markdown(path, rows, meta):
                  f"| {fmt(r['lat_mean_us'], 0)} | {fmt(r['lat_p50_us'], 0)} "
                  f"| {fmt(r['lat_p99_us'], 0)} | {fmt(r['cpu_total'], 1)} | {split} "
                  f"| {fmt(r['irqs_per_io'], 2)} | {fmt(r['vcpu_writes_per_io'], 2)} | {db} | {cnt} |")
+    split = [r for r in rows if len(r.get("cpu_per_iothread") or {}) > 1]
+    if split:
+        L += ["", "CPU µs/IO of each IOThread, for the configurations with several "
+              "(median over passes):", "",
+              "| backend | rw | QD | jobs | config | per IOThread |", "|---|---|---|---|---|---|"]
+        for r in split:
+            per = " / ".join(f"{t} {m[0]:.1f}" for t, m in r["cpu_per_iothread"].items() if m)
+            L.append(f"| {r['backend']} | {r['rw']} | {r['qd']} | {r['numjobs']} "
+                     f"| {r['config']} | {per} |")
     L.append("")
     L.append(f"Raw data: {meta['outdir']}/raw/*.json (fio json, per-thread CPU, "
              "/proc/interrupts, QEMU command lines).  Chart: chart.png.\n")

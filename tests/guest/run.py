@@ -38,6 +38,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -53,6 +54,9 @@ VERIFY = [("v16", 16, 0, 32 * MiB), ("v64", 64, 64 * MiB, 32 * MiB)]
 RESET = ("reset", 16, 128 * MiB, 96 * MiB)
 RESETS = ("resets", 64, 320 * MiB, 96 * MiB)   # reset every 2 s meanwhile
 NEG = ("neg", 8, 256 * MiB, 4 * MiB)
+# configurations with several IOThreads: one fio job per vCPU (the guest's
+# two I/O queues, one in each IOThread), each on its own SIZE region
+JOBS2 = ("vj2", 16, 416 * MiB, 32 * MiB)
 
 
 def fio_args(name, qd, offset, size, **extra):
@@ -62,7 +66,7 @@ def fio_args(name, qd, offset, size, **extra):
                                                  **{**opts, **extra})
 
 
-def job(negative):
+def job(negative, cfg=None):
     s = fio.wait_dev("/dev/nvme0n1") + [
          "nvdp_section devinfo sh -c 'cat /sys/block/nvme0n1/size /sys/class/nvme/nvme0/state'",
          "nvdp_section idctrl nvme id-ctrl /dev/nvme0 -o json",
@@ -72,6 +76,10 @@ def job(negative):
          "&& echo ROUNDTRIP-OK'"]
     for name, qd, off, size in VERIFY:
         s.append(f"nvdp_section {name} fio {fio_args(name, qd, off, size)}")
+    if cfg is not None and cfg.iothreads > 1:
+        name, qd, off, size = JOBS2
+        s.append(f"nvdp_section {name} fio "
+                 f"{fio_args(name, qd, off, size, numjobs=2, offset_increment=size)}")
     name, qd, off, size = RESET
     s += [f"fio {fio_args(name, qd, off, size)} >/tmp/reset.json 2>/tmp/reset.err &",
           "pid=$!",
@@ -127,9 +135,10 @@ def test_config(t, cfg, qemu, negative, workdir):
     with open(image, "wb") as f:
         f.truncate(512 * MiB)
     args = cfg.qemu_args("native", image) + [
-        "-trace", f"enable=pci_nvme_dbbuf_config,file={tracefile}"]
+        "-trace", f"enable=pci_nvme_dbbuf_config,file={tracefile}",
+        "-trace", f"enable=pci_nvme_sq_ctx,file={tracefile}"]
     t0 = time.monotonic()
-    r = vm.Guest(qemu, job(negative), workdir, cfg.name, args, timeout=240).run()
+    r = vm.Guest(qemu, job(negative, cfg), workdir, cfg.name, args, timeout=240).run()
     print(f"# {cfg.name}: {r.describe()}", flush=True)
     S, RC = r.sections, r.rcs
     P = f"{cfg.name}:"
@@ -159,6 +168,19 @@ def test_config(t, cfg, qemu, negative, workdir):
     for name, qd, off, size in VERIFY:
         ok, d = fio_check(S.get(name), RC.get(name), size)
         t.ok(ok, f"{P} fio verify=crc32c write-then-read QD {qd}, {size // MiB} MiB", d)
+    if cfg.iothreads > 1:
+        name, qd, off, size = JOBS2
+        ok, d = fio_check(S.get(name), RC.get(name), 2 * size)
+        t.ok(ok, f"{P} fio verify=crc32c, 2 jobs (one per vCPU) at QD {qd}, "
+             f"{size // MiB} MiB each", d)
+        # "sqid 2 runs with cqid 2 in iothread1" (queue creation)
+        text = open(tracefile, errors="replace").read() if os.path.exists(tracefile) else ""
+        where = {th: sorted({int(m) for m in re.findall(
+            rf"sqid (\d+) runs with cqid \d+ in {th}\b", text) if int(m) > 0})
+            for th in cfg.iothread_ids()}
+        t.ok(all(where.values()),
+             f"{P} the guest's I/O queues run in each of the {cfg.iothreads} IOThreads "
+             f"(pci_nvme_sq_ctx)", f"I/O SQs by IOThread: {where}")
     name, qd, off, size = RESET
     ctl = S.get("reset.ctl", "")
     try:
@@ -220,9 +242,7 @@ def test_unplug(t, cfg, qemu, workdir):
         f.truncate(512 * MiB)
     # a hot-pluggable slot: a PCIe root port (q35's root bus is not)
     args = ["-device", "pcie-root-port,id=rp0,bus=pcie.0,chassis=1"] + \
-        cfg.qemu_args("native", image)
-    i = max(k for k, a in enumerate(args) if a.startswith("nvme,"))
-    args[i] += ",id=dut,bus=rp0"
+        cfg.qemu_args("native", image, dev_props="id=dut,bus=rp0")
     res = {}
     r = vm.Guest(qemu, unplug_job(), workdir, cfg.name + "-unplug", args,
                  timeout=240).run(on_sync=vm.unplug_steps(res))

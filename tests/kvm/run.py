@@ -66,7 +66,8 @@ nvdp/configs.py; default: all of CASES; --config NAME: one), --size-mib N
 (fio's region per case, default 16), --l2-timeout S (per case, default
 200), --timeout S (for L1, default 60 + (L2's + 30) per case),
 --l1-cpu MODEL (L1's -cpu, default max; "max,-svm"
-shows the SKIP path).  Run from the repository root with
+shows the SKIP path), --l1-smp N (L1's vCPUs, 1 or 2, default 2; maxcpus
+stays 2).  Run from the repository root with
 PYTHONPATH=.:build/qemu/python (the Makefile sets it); build/kvm-l1 must be
 built (guest/mkl1.py; the Makefile does it).
 """
@@ -454,7 +455,7 @@ def boot_l1(a, qemu):
         f.write(l1_job(a))
     console = os.path.join(WORK, "l1.console.log")
     cmd = [qemu, "-name", "nvdp-kvm-l1", "-machine", "q35", "-accel", "tcg,thread=multi",
-           "-cpu", a.l1_cpu, "-smp", "2", "-m", "4G", "-nodefaults", "-no-user-config",
+           "-cpu", a.l1_cpu, "-smp", f"{a.l1_smp},maxcpus=2", "-m", "4G", "-nodefaults", "-no-user-config",
            "-no-reboot", "-display", "none"]
     cmd += [x for d in vm.FIRMWARE_DIRS if os.path.isdir(d) for x in ("-L", d)]
     cmd += ["-kernel", os.path.join(L1_DIR, "vmlinuz"),
@@ -716,6 +717,8 @@ def main():
     ap.add_argument("--l2-timeout", type=int, default=200, help="per case")
     ap.add_argument("--l1-cpu", default="max",
                     help="L1's -cpu (default max; max,-svm checks the SKIP path)")
+    ap.add_argument("--l1-smp", type=int, default=2, choices=(1, 2),
+                    help="L1's vCPUs (default 2; maxcpus is 2 either way)")
     ap.add_argument("--l2-append", default="",
                     help="more of L2's kernel command line (e.g. ignore_loglevel)")
     ap.add_argument("--count", action="store_true",
