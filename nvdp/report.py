@@ -56,8 +56,9 @@ def summarize(runs, counts, meta):
                 for k in THREAD_CLASSES + ["total"]:
                     row["cpu_" + k] = med([x["cpu_us_per_io"][k] for x in good])
                 # each IOThread's own share ("IO iothread0", ...)
+                # (not QEMU's monitor IOThread, "IO mon_iothread")
                 ios = sorted({t for x in good for t in (x.get("cpu_by_thread") or {})
-                              if t.startswith("IO ")})
+                              if t.startswith("IO ") and t != "IO mon_iothread"})
                 row["cpu_per_iothread"] = {
                     t[3:]: med([(x["cpu_by_thread"].get(t, 0.0)) / x["fio"]["ios"] * 1e6
                                 for x in good]) for t in ios}
