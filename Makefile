@@ -84,6 +84,11 @@ distclean:
 #                       (callgrind), syscalls (strace), doorbells and
 #                       interrupts per I/O (build/cost/results.md);
 #                       CONFIGS=a,b picks configurations (~25 min)
+#   make check-libvirt  examples/libvirt/ under a real libvirtd (11.3 from
+#                       bookworm-backports, installed if missing): define,
+#                       start, iothreadinfo/iothreadset/iothreadpin, fio
+#                       verify in the guest, reset, detach-device, shutdown
+#                       (also part of make check; QEMU=... another binary)
 #   make check-kvm      the KVM path (irqfds) for real, nested: an L1 guest
 #                       under TCG (-cpu max: SVM) runs this QEMU with
 #                       -accel kvm on the guest (nvme-iothread, -poll,
@@ -95,7 +100,7 @@ distclean:
 # (python3 -m nvdp.bench --help: more knobs; with NVDP_ENV's PYTHONPATH)
 STOCK := build/stock
 HEAVY_LOCK := /tmp/nvdp-heavy.lock
-.PHONY: guest stock bench check-guest check-kvm kvm-count cost
+.PHONY: guest stock bench check-guest check-libvirt check-kvm kvm-count cost
 
 guest:
 	@guest/mkimage.sh build/guest
@@ -119,6 +124,11 @@ cost: qemu stock
 
 check-guest: guest
 	@$(NVDP_ENV) /usr/bin/python3 tests/guest/run.py $(if $(CONFIGS),--configs $(CONFIGS))
+
+# a real libvirtd (installed from Debian's archive if missing) runs
+# examples/libvirt/ with this QEMU; the script takes the heavy-VM lock itself
+check-libvirt: guest
+	@$(NVDP_ENV) /usr/bin/python3 tests/libvirt/run.py $(if $(QEMU),--qemu $(QEMU))
 
 # L1 = build/kvm-l1 (guest/mkl1.py: the guest's Debian kernel, busybox,
 # kvm/kvm_amd/9p modules, guest/init-l1), L2 = build/guest

@@ -127,6 +127,14 @@ if [ -z "${SKIP_GUEST:-}" ] && [ -z "${CHECK_QTESTS_ONLY:-}" ]; then
     fi
 fi
 
+# 5. the libvirt example under a real libvirtd (tests/libvirt/run.py installs
+#    libvirt from Debian's archive if it is missing, runs its own daemons)
+if [ -z "${SKIP_LIBVIRT:-}" ] && [ -z "${SKIP_GUEST:-}" ] &&
+   [ -z "${CHECK_QTESTS_ONLY:-}" ] && [ -z "${CHECK_BUILD_DIR:-}" ]; then
+    run_tap "libvirt" "$logdir/libvirt.log" /usr/bin/python3 "$top/tests/libvirt/run.py" \
+        --qemu "$bdir/qemu-system-x86_64"
+fi
+
 echo
 if [ ${#failures[@]} -gt 0 ] || [ -s "$logdir/failures" ]; then
     echo "Failures:"
