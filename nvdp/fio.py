@@ -47,3 +47,19 @@ def parse(text):
     if s["ios"]:
         s["lat_mean_us"] = mean_ns / s["ios"] / 1000.0
     return s
+
+
+def verify_check(text, rc, size, verify_only=False):
+    """(passed, diagnosis) for a verify run whose json is TEXT and exit
+    status RC, that must write and read back exactly SIZE bytes.  With
+    VERIFY_ONLY (a verify pass over what an earlier run wrote) fio counts
+    the writes it skips as written, or not: 0 or SIZE."""
+    if text is None:
+        return False, "no fio output (missing result)"
+    f = parse(text)
+    if f is None:
+        return False, f"unparsable fio json: {text[:300]}"
+    w, r, err = f["write_bytes"], f["read_bytes"], f["error"]
+    d = f"rc={rc} error={err} written={w} read={r} expected={size}"
+    wrote = w in (0, size) if verify_only else w == size
+    return (rc == 0 and err == 0 and r == size and wrote), d

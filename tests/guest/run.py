@@ -117,14 +117,7 @@ def job(negative, cfg=None):
 
 def fio_check(text, rc, size):
     """(passed, diagnosis) for a verify run that must move exactly SIZE."""
-    if text is None:
-        return False, "no fio output (missing result)"
-    f = fio.parse(text)
-    if f is None:
-        return False, f"unparsable fio json: {text[:300]}"
-    w, r, err = f["write_bytes"], f["read_bytes"], f["error"]
-    d = f"rc={rc} error={err} written={w} read={r} expected={size} each"
-    return (rc == 0 and err == 0 and w == size and r == size), d
+    return fio.verify_check(text, rc, size)
 
 
 def test_config(t, cfg, qemu, negative, workdir):

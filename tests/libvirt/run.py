@@ -330,17 +330,20 @@ def affinity(tid):
         return None
 
 
-def fio_check(text, rc, size, verify_only=False):
-    if text is None:
-        return False, "no fio output (missing result)"
-    f = fio.parse(text)
-    if f is None:
-        return False, f"unparsable fio json: {text[:300]}"
-    w, r, err = f["write_bytes"], f["read_bytes"], f["error"]
-    d = f"rc={rc} error={err} written={w} read={r} expected={size}"
-    # verify_only: fio counts the writes it skips as written, or not
-    wrote = w in (0, size) if verify_only else w == size
-    return (rc == 0 and err == 0 and r == size and wrote), d
+fio_check = fio.verify_check
+
+
+def scratch(image_name, dom, job):
+    """A fresh sparse IMAGE_SIZE image and DOM's job script in WORK: their paths."""
+    image = os.path.join(WORK, image_name)
+    if os.path.exists(image):
+        os.unlink(image)
+    with open(image, "wb") as f:
+        f.truncate(IMAGE_SIZE)
+    jobfile = os.path.join(WORK, f"{dom}.job.sh")
+    with open(jobfile, "w") as f:
+        f.write(job)
+    return image, jobfile
 
 
 def fs_type(path):
@@ -873,14 +876,7 @@ class Check:
 
     def main_domain(self, res):
         t = self
-        image = os.path.join(WORK, "nvme0.raw")
-        if os.path.exists(image):
-            os.unlink(image)
-        with open(image, "wb") as f:
-            f.truncate(IMAGE_SIZE)
-        jobfile = os.path.join(WORK, f"{DOM}.job.sh")
-        with open(jobfile, "w") as f:
-            f.write(job_main())
+        image, jobfile = scratch("nvme0.raw", DOM, job_main())
         button = button_ko()
         tree = make_domain(EXAMPLE, DOM, self.qemu, image, jobfile, res.path,
                            os.path.join(WORK, f"{DOM}.console.log"),
@@ -1115,14 +1111,7 @@ class Check:
     # -- nvme-iothreads2.xml ------------------------------------------------------------
 
     def two_iothreads(self, res):
-        image = os.path.join(WORK, "nvme0-2it.raw")
-        if os.path.exists(image):
-            os.unlink(image)
-        with open(image, "wb") as f:
-            f.truncate(IMAGE_SIZE)
-        jobfile = os.path.join(WORK, f"{DOM2}.job.sh")
-        with open(jobfile, "w") as f:
-            f.write(job_two())
+        image, jobfile = scratch("nvme0-2it.raw", DOM2, job_two())
         tree = make_domain(EXAMPLE2, DOM2, self.qemu, image, jobfile, res.path,
                            os.path.join(WORK, f"{DOM2}.console.log"))
         dom = tree.getroot()
