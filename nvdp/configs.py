@@ -52,6 +52,10 @@ BACKENDS = {
 }
 
 
+# the property that spreads a device's queues over several IOThreads
+MAPPING_PROP = {"nvme": "iothread-queue-mapping", "virtio-blk": "iothread-vq-mapping"}
+
+
 def props_dict(props):
     return dict(kv.partition("=")[::2] for kv in filter(None, props.split(",")))
 
@@ -81,8 +85,7 @@ class Config:
             return []
         need = list(props_dict(self.props))
         if self.iothreads > 1:
-            need.append({"nvme": "iothread-queue-mapping",
-                         "virtio-blk": "iothread-vq-mapping"}[self.kind])
+            need.append(MAPPING_PROP[self.kind])
         return [k for k in need if k not in supported]
 
     def iothread_ids(self):
@@ -113,8 +116,7 @@ class Config:
         d = {"driver": dev.split(",")[0]}
         for k, v in list(props_dict(",".join(dev.split(",")[1:])).items()) + list(props.items()):
             d[k] = int(v) if v.isdigit() else {"on": True, "off": False}.get(v, v)
-        key = {"nvme": "iothread-queue-mapping", "virtio-blk": "iothread-vq-mapping"}[self.kind]
-        d[key] = [{"iothread": i} for i in self.iothread_ids()]
+        d[MAPPING_PROP[self.kind]] = [{"iothread": i} for i in self.iothread_ids()]
         return json.dumps(d, separators=(",", ":"))
 
 
@@ -127,7 +129,7 @@ def _device(kind, driver, name, props, iothread, kw):
     n = kw.get("iothreads", 1)
     if iothread is not None and n == 1:
         props = ",".join(filter(None, [props, "iothread=iothread0"]))
-    mapping = {"nvme": "iothread-queue-mapping", "virtio-blk": "iothread-vq-mapping"}[kind]
+    mapping = MAPPING_PROP[kind]
     kw.setdefault("desc", f"-device {driver}{',' + props if props else ''}"
                   + (f" + iothread {iothread}" if iothread and n == 1 else "")
                   + (f" + {mapping} over {n} iothreads {iothread}" if n > 1 else ""))
